@@ -1,0 +1,162 @@
+"""Commands on the analytic cost model: analyze, models, hardware, sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from perfmodel.cli.app import app
+from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
+from perfmodel.errors import PerfmodelError, bad_value
+from perfmodel.output import atomic_write, check_format, emit, print_table, seconds, si
+
+FORMAT_HELP = "table | json | csv"
+
+
+@app.command()
+def analyze(
+    model: str = typer.Option(DEFAULT_MODEL, help="library name, YAML or config.json path"),
+    hardware: str = typer.Option(DEFAULT_HARDWARE, help="hardware name or YAML path"),
+    batch: int = typer.Option(1, help="sequences processed together"),
+    input: int = typer.Option(512, "--input", help="prompt tokens per sequence"),
+    output: int = typer.Option(128, help="generated tokens per sequence"),
+    dtype: str = typer.Option("bf16", help="activation (and default weight / KV) dtype"),
+    weight_dtype: str = typer.Option(None, help="weights dtype (default: --dtype)"),
+    kv_dtype: str = typer.Option(None, help="KV-cache dtype (default: --dtype)"),
+    flash: bool = typer.Option(True, "--flash/--no-flash", help="FlashAttention (scores stay on chip)"),
+    efficiency: str = typer.Option("nominal", help="nominal | optimistic | pessimistic efficiency factors"),
+    format: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """Per-operator FLOPs, bytes, time and bound for prefill and decode, with the request summary."""
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.costmodel.request import Workload, analyze as run_analysis
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
+    hw = load_hardware(hardware).with_efficiency(efficiency)
+    a = run_analysis(load_model(model), hw, Workload(batch, input, output), precision, flash)
+    result = a.to_dict()
+    if emit(format, result, result["ops"]):
+        return
+    _print_analysis(result)
+
+
+def _print_analysis(r: dict) -> None:
+    from perfmodel.output import console
+
+    cols = {"phase": ("phase", str), "op": ("operator", str), "layers": ("×", str),
+            "flops": ("FLOPs", lambda v: si(v)), "bytes": ("bytes", lambda v: si(v, "B")),
+            "kv_bytes": ("KV bytes", lambda v: si(v, "B")),
+            "arithmetic_intensity": ("FLOP/B", lambda v: f"{v:.1f}"),
+            "time_s": ("time", seconds), "bound": ("bound", str)}
+    w = r["workload"]
+    print_table(r["ops"], title=f"{r['model']} on {r['hardware']}: batch {w['batch']}, input {w['input']}, "
+                                f"output {w['output']} (decode rows: totals over all steps)", columns=cols)
+    phases = [{"phase": ph, **{k: r[ph][k] for k in ("flops", "bytes", "time_s", "bound")}}
+              for ph in ("prefill", "decode")]
+    print_table(phases, columns={"phase": ("phase", str), "flops": ("FLOPs", si), "bytes": ("bytes", lambda v: si(v, "B")),
+                                 "time_s": ("time", seconds), "bound": ("bound", str)})
+    q, m = r["request"], r["memory"]
+    c = console()
+    c.print(f"TTFT {seconds(q['ttft_s'])} · TPOT {seconds(q['tpot_first_s'])} → {seconds(q['tpot_last_s'])} "
+            f"· end-to-end {seconds(q['e2e_s'])} · {q['tokens_per_s']:.1f} tokens/s")
+    c.print(f"memory: weights {si(m['weights_bytes'], 'B')} + KV {si(m['kv_cache_bytes'], 'B')} "
+            f"({si(m['kv_bytes_per_token'], 'B')}/token) + activations {si(m['activation_bytes'], 'B')} = "
+            f"{si(m['total_bytes'], 'B')} of {si(m['capacity_bytes'], 'B')}: "
+            + ("[green]fits[/green]" if m["fits"] else "[red]does not fit[/red]"))
+
+
+@app.command()
+def models(format: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
+    """The built-in model library with parameter counts."""
+    from perfmodel.specs import list_models
+
+    check_format(format)
+    rows = [{"name": m.name, "family": m.family, "attention": m.attention_kind, "layers": m.num_layers,
+             "hidden": m.hidden_size, "heads": m.num_heads, "kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
+             "experts": f"{m.experts_per_token}/{m.num_experts}" if m.is_moe else "",
+             "params": m.param_count(), "active_params": m.param_count(active=True),
+             "published_params": m.published_params,
+             "kv_bytes_per_token_bf16": m.kv_elements_per_token * 2} for m in list_models()]
+    if emit(format, rows):
+        return
+    cols = {k: (k, str) for k in ("name", "family", "attention", "layers", "hidden", "heads", "kv_heads",
+                                   "head_dim", "experts")}
+    cols.update({"params": ("params", si), "active_params": ("active", si),
+                 "kv_bytes_per_token_bf16": ("KV/token (bf16)", lambda v: si(v, "B", 1024))})
+    print_table(rows, title="Model library", columns=cols)
+
+
+@app.command("hardware")
+def hardware_list(format: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
+    """The hardware library (hardware/*.yaml) with its roofs."""
+    from perfmodel.specs import list_hardware
+
+    check_format(format)
+    rows = [{"name": h.name, "description": h.description, "bf16_tflops": h.peak_tflops.get("bf16"),
+             "fp8_tflops": h.peak_tflops.get("fp8"), "memory_gb": h.memory_capacity_gb,
+             "bandwidth_gbps": h.memory_bandwidth_gbps,
+             "ridge_flop_per_byte": round(h.peak_tflops.get("bf16", 0) * 1e3 / h.memory_bandwidth_gbps, 1),
+             "interconnect": h.interconnect.name if h.interconnect else "",
+             "price_per_hour_usd": h.price_per_hour_usd} for h in list_hardware()]
+    if emit(format, rows):
+        return
+    show = lambda v: "" if v is None else str(v)  # noqa: E731
+    print_table(rows, title="Hardware library", columns={k: (k, show) for k in rows[0]})
+
+
+@app.command("sweep")
+def sweep_cmd(
+    model: str = typer.Option(DEFAULT_MODEL, help="comma-separated model names or paths"),
+    hardware: str = typer.Option(DEFAULT_HARDWARE, help="comma-separated hardware names or paths"),
+    batch: str = typer.Option("1,4,16,64", help="list 1,8,64 or range 1:64:8"),
+    input: str = typer.Option("128,512,2048", "--input"),
+    output: str = typer.Option("128,512", help="generated tokens"),
+    dtype: str = typer.Option("bf16"),
+    weight_dtype: str = typer.Option(None),
+    kv_dtype: str = typer.Option(None),
+    flash: bool = typer.Option(True, "--flash/--no-flash"),
+    out: Path = typer.Option(None, help="write the grid to FILE.csv or FILE.parquet"),
+    format: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """A vectorised grid of models × hardware × batch × input × output (request-level summary)."""
+    from rich.progress import Progress
+
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.costmodel.sweep import sweep
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    if out is not None and out.suffix not in (".csv", ".parquet"):
+        raise bad_value("--out", str(out), "a path ending in .csv or .parquet")
+    models_ = [load_model(x) for x in name_list(model)]
+    hws = [load_hardware(x) for x in name_list(hardware)]
+    precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
+    grid = (int_list("--batch", batch), int_list("--input", input), int_list("--output", output))
+    with Progress(transient=True, disable=format != "table") as prog:
+        task = prog.add_task("sweeping", total=len(models_) * len(hws))
+        df = sweep(models_, hws, *grid, precision=precision, flash=flash,
+                   progress=lambda: prog.advance(task))
+    if out is not None:
+        if out.suffix == ".parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise PerfmodelError("--out: writing .parquet needs pyarrow (pip install pyarrow); use .csv") from None
+            atomic_write(out, lambda p: df.to_parquet(p, index=False))
+        else:
+            atomic_write(out, lambda p: df.to_csv(p, index=False))
+    rows = df.to_dict(orient="records")
+    if emit(format, rows):
+        return
+    cols = {"model": ("model", str), "hardware": ("hardware", str), "batch": ("batch", lambda v: f"{v:g}"),
+            "input": ("input", lambda v: f"{v:g}"), "output": ("output", lambda v: f"{v:g}"),
+            "ttft_s": ("TTFT", seconds), "tpot_s": ("TPOT", seconds), "e2e_s": ("e2e", seconds),
+            "tokens_per_s": ("tokens/s", lambda v: f"{v:,.0f}"), "memory_bytes": ("memory", lambda v: si(v, "B")),
+            "fits": ("fits", str)}
+    shown = rows if len(rows) <= 200 else rows[:200]
+    print_table(shown, title=f"sweep: {len(rows)} points" + (f" (first 200; all in {out})" if len(rows) > 200 and out
+                                                             else " (first 200)" if len(rows) > 200 else ""),
+                columns=cols)

@@ -1,0 +1,326 @@
+"""FLOPs and bytes of every operator of a transformer forward pass, as pure functions of the shapes.
+
+Counting conventions (the reference engine counts the same way, from its real tensors):
+- A matmul [M, K] x [K, N] costs 2*M*N*K FLOPs, plus M*N for a bias.
+- Causal attention counts only the (query, key) pairs the mask keeps: a prefill of T tokens after P cached
+  ones keeps T*P + T*(T+1)/2 pairs per head (diagonal included), about half of the full T^2, which is what a
+  causal kernel computes. A sliding window W caps each query's keys at W.
+- Per kept score: 2*d FLOPs for QK^T, 2*d_v for attention*V, 5 for the softmax (max, subtract, exp, sum, divide).
+- Elementwise FLOPs per element: RMSNorm 4, LayerNorm 7, RoPE 3, SiLU*mul 5, GELU 8, GELU*mul 9, residual add 1.
+- Bytes: every operator reads its inputs and writes its outputs once (no fusion except inside FlashAttention).
+  Without FlashAttention, QK^T writes the score matrix of all materialised keys, softmax reads and writes it,
+  attention*V reads it again. With FlashAttention the scores never leave on-chip memory.
+- Prefill computes logits for the last token of each sequence only, as serving engines do.
+- Norm weights and biases are stored in the activation dtype; quantisation applies to matmul weights and
+  embeddings (int formats with one fp16 scale per 128 elements, see dtypes).
+- A MoE step reads the weights of the distinct experts its tokens route to: E*(1-(1-k/E)^N) expected for N
+  tokens, or the exact count when the caller knows the routing.
+
+All shape arguments may be numpy arrays (they broadcast), so one call evaluates a whole sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from perfmodel.dtypes import get_dtype, tensor_bytes
+from perfmodel.specs.model import ModelSpec
+
+FLOPS_PER_ELEMENT = {"rmsnorm": 4, "layernorm": 7, "rope": 3, "silu_mul": 5, "gelu": 8, "gelu_mul": 9,
+                     "add": 1, "softmax": 5}
+INDEX_BYTES = 8  # int64 token ids and expert indices
+
+
+@dataclass(frozen=True)
+class Precision:
+    weights: str = "bf16"
+    activations: str = "bf16"
+    kv_cache: str = "bf16"
+
+    def __post_init__(self) -> None:
+        get_dtype(self.weights, "weight dtype")
+        get_dtype(self.activations, "activation dtype")
+        get_dtype(self.kv_cache, "kv-cache dtype")
+
+    @property
+    def act_bytes(self) -> int:
+        return get_dtype(self.activations).bits // 8 or 1
+
+    @property
+    def compute_dtype(self) -> str:
+        """Matmuls run in the activation dtype (weight-only quantised weights are dequantised on the fly)."""
+        return self.activations
+
+
+@dataclass
+class Op:
+    """One operator of one phase. layers: how many times it runs per forward pass."""
+
+    name: str
+    kind: str  # matmul | attention | elementwise | memory
+    layers: int
+    flops: object
+    weight_bytes: object = 0
+    act_read_bytes: object = 0
+    kv_read_bytes: object = 0
+    act_write_bytes: object = 0
+    kv_write_bytes: object = 0
+    min_dim: object = None  # smallest matmul dimension, for shape-dependent efficiency
+    group: str = "layer"  # layer | embed | head
+
+    @property
+    def read_bytes(self):
+        return self.weight_bytes + self.act_read_bytes + self.kv_read_bytes
+
+    @property
+    def write_bytes(self):
+        return self.act_write_bytes + self.kv_write_bytes
+
+    @property
+    def bytes(self):
+        return self.read_bytes + self.write_bytes
+
+
+def attended_pairs(past, new, window=None):
+    """Causal (query, key) pairs: sum over the new tokens' positions p of min(p+1, window)."""
+    past, new = np.asarray(past), np.asarray(new)
+    if window is None:
+        return new * past + new * (new + 1) // 2
+    first = past + 1  # key count of the first new query before the window caps it
+    n_below = np.clip(window - past, 0, new)  # queries whose key count is still <= window
+    return n_below * first + n_below * (n_below - 1) // 2 + (new - n_below) * window
+
+
+def materialised_keys(past, new, window=None):
+    """Keys a non-flash kernel holds scores for: all visible keys, or the window band's span."""
+    total = np.asarray(past) + np.asarray(new)
+    if window is None:
+        return total
+    return np.minimum(total, window + np.asarray(new) - 1)
+
+
+def cached_tokens(tokens, window=None):
+    """Tokens a KV cache holds: all of them, or the last `window` under sliding-window attention."""
+    return tokens if window is None else np.minimum(tokens, window)
+
+
+def expected_experts_touched(num_experts: int, k: int, tokens):
+    """Expected distinct experts hit by `tokens` independent top-k routings of uniform load."""
+    return num_experts * (1.0 - (1.0 - k / num_experts) ** np.asarray(tokens, dtype=np.float64))
+
+
+def kv_bytes_per_token_layer(model: ModelSpec, kv_dtype: str) -> int:
+    if model.is_mla:
+        return tensor_bytes(model.kv_lora_rank, kv_dtype) + tensor_bytes(model.qk_rope_head_dim, kv_dtype)
+    return 2 * model.num_kv_heads * tensor_bytes(model.head_dim, kv_dtype)
+
+
+def kv_cache_bytes(model: ModelSpec, tokens, batch=1, kv_dtype: str = "bf16"):
+    """2*layers*kv_heads*head_dim*tokens*bytes per sequence (the MLA latent for MLA), times batch."""
+    held = cached_tokens(np.asarray(tokens), model.sliding_window)
+    return batch * held * model.num_layers * kv_bytes_per_token_layer(model, kv_dtype)
+
+
+def weight_memory_bytes(model: ModelSpec, precision: Precision) -> int:
+    """Bytes of all weights: matmul weights and embeddings in the weight dtype, norms and biases in activations."""
+    w, a = precision.weights, precision.act_bytes
+    mm = model.matmul_params(active=False) - model.vocab_size * model.hidden_size  # no LM head (counted below)
+    emb = model.embedding_params() + model.lm_head_params()
+    other = model.param_count() - mm - emb
+    return tensor_bytes(mm, w) + tensor_bytes(emb, w) + other * a
+
+
+class _Builder:
+    """Collects the operators of one phase; helpers keep each formula in one place."""
+
+    def __init__(self, model: ModelSpec, precision: Precision):
+        self.m, self.p = model, precision
+        self.a = precision.act_bytes
+        self.ops: list[Op] = []
+
+    def wbytes(self, n):
+        return tensor_bytes(n, self.p.weights)
+
+    def matmul(self, name, layers, tokens, k, n, bias=False, weight_elems=None, weight_bytes=None,
+               group="layer", rows_per_weight=None):
+        """[tokens, k] x [k, n] with weights read once."""
+        wb = self.wbytes(k * n if weight_elems is None else weight_elems) if weight_bytes is None else weight_bytes
+        flops = 2 * tokens * k * n + (tokens * n if bias else 0)
+        self.ops.append(Op(name, "matmul", layers, flops, weight_bytes=wb + (n * self.a if bias else 0),
+                           act_read_bytes=tokens * k * self.a, act_write_bytes=tokens * n * self.a,
+                           min_dim=np.minimum(tokens if rows_per_weight is None else rows_per_weight, min(k, n)),
+                           group=group))
+
+    def elementwise(self, name, layers, elems, per_elem, n_inputs=1, extra_read=0, weight_bytes=0, group="layer"):
+        self.ops.append(Op(name, "elementwise", layers, elems * per_elem, weight_bytes=weight_bytes,
+                           act_read_bytes=n_inputs * elems * self.a + extra_read, act_write_bytes=elems * self.a,
+                           group=group))
+
+    def norm(self, name, layers, tokens, dim, group="layer"):
+        kind = self.m.norm
+        n_params = dim * (2 if kind == "layernorm" else 1)
+        self.elementwise(name, layers, tokens * dim, FLOPS_PER_ELEMENT[kind], weight_bytes=n_params * self.a,
+                         group=group)
+
+    def attention(self, layers, batch, new, past, n_q, n_kv, d_qk, d_v, kv_read_per_key, flash, window,
+                  kv_is_cache=True):
+        """Score, softmax and weighted sum over the cache; kv_read_per_key: bytes of K and V per key per sequence."""
+        a = self.a
+        pairs = batch * attended_pairs(past, new, window) * n_q
+        keys = materialised_keys(past, new, window)
+        q_bytes = batch * new * n_q * d_qk * a
+        kv_bytes = batch * keys * kv_read_per_key
+        out_bytes = batch * new * n_q * d_v * a
+        kv_field = "kv_read_bytes" if kv_is_cache else "act_read_bytes"
+        if flash:
+            flops = pairs * (2 * d_qk + 2 * d_v + FLOPS_PER_ELEMENT["softmax"])
+            op = Op("attention", "attention", layers, flops, act_read_bytes=q_bytes, act_write_bytes=out_bytes,
+                    min_dim=np.minimum(new, d_qk))
+            setattr(op, kv_field, getattr(op, kv_field) + kv_bytes)
+            self.ops.append(op)
+            return
+        scores = batch * n_q * new * keys * a
+        k_share = kv_bytes * d_qk // (d_qk + d_v) if not self.m.is_mla else kv_bytes
+        v_share = kv_bytes - k_share if not self.m.is_mla else kv_bytes
+        qk = Op("qk", "attention", layers, pairs * 2 * d_qk, act_read_bytes=q_bytes, act_write_bytes=scores,
+                min_dim=np.minimum(new, d_qk))
+        av = Op("av", "attention", layers, pairs * 2 * d_v, act_read_bytes=scores, act_write_bytes=out_bytes,
+                min_dim=np.minimum(new, d_v))
+        setattr(qk, kv_field, getattr(qk, kv_field) + k_share)
+        setattr(av, kv_field, getattr(av, kv_field) + v_share)
+        sm = Op("softmax", "elementwise", layers, pairs * FLOPS_PER_ELEMENT["softmax"], act_read_bytes=scores,
+                act_write_bytes=scores)
+        self.ops += [qk, sm, av]
+
+
+def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Precision | None = None,
+              flash: bool = True, experts_touched=None, all_logits: bool = False, phase: str | None = None,
+              include_sampling: bool = True) -> list[Op]:
+    """Operators of one forward pass: `new_tokens` per sequence after `past_tokens` already cached.
+
+    Prefill is new_tokens=input, past_tokens=0; a decode step is new_tokens=1, past_tokens=context-1.
+    `phase` selects MLA's form (naive for prefill, weight-absorbed for decode); by default decode iff new_tokens==1.
+    """
+    p = precision or Precision()
+    m = model
+    b = _Builder(m, p)
+    a = p.act_bytes
+    B = np.asarray(batch)
+    T = np.asarray(new_tokens)
+    P = np.asarray(past_tokens)
+    N = B * T
+    if phase is None:
+        phase = "decode" if np.all(T == 1) else "prefill"
+    L, h, W = m.num_layers, m.hidden_size, m.sliding_window
+    kv_tok = kv_bytes_per_token_layer(m, p.kv_cache)
+
+    # embedding: gather rows (plus the learned position rows for GPT-2)
+    emb_read = N * b.wbytes(h)
+    emb_flops = 0
+    if m.positions == "learned":
+        emb_read = emb_read + N * b.wbytes(h)
+        emb_flops = N * h
+    b.ops.append(Op("embed", "memory", 1, emb_flops, weight_bytes=emb_read, act_read_bytes=N * INDEX_BYTES,
+                    act_write_bytes=N * h * a, group="embed"))
+
+    b.norm("attn_norm", L, N, h)
+    if m.is_mla:
+        _mla_attention(b, L, B, T, P, N, flash, phase, kv_tok)
+    else:
+        nq, nkv, d = m.num_heads, m.num_kv_heads, m.head_dim
+        bias = m.qkv_bias or m.linear_bias
+        b.matmul("q_proj", L, N, h, nq * d, bias=bias)
+        b.matmul("k_proj", L, N, h, nkv * d, bias=bias)
+        b.matmul("v_proj", L, N, h, nkv * d, bias=bias)
+        if m.positions == "rope":
+            b.elementwise("rope", L, N * (nq + nkv) * d, FLOPS_PER_ELEMENT["rope"], extra_read=2 * N * d * a)
+        b.ops.append(Op("kv_write", "memory", L, 0, act_read_bytes=N * 2 * nkv * d * a,
+                        kv_write_bytes=N * kv_tok))
+        b.attention(L, B, T, P, nq, nkv, d, d, kv_tok, flash, W)
+        b.matmul("o_proj", L, N, nq * d, h, bias=m.linear_bias)
+    b.elementwise("attn_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
+    b.norm("mlp_norm", L, N, h)
+    if m.dense_layers:
+        _dense_mlp(b, m.dense_layers, N, m.intermediate_size, "")
+    if m.moe_layers:
+        _moe(b, m.moe_layers, N, experts_touched)
+    b.elementwise("mlp_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
+
+    n_logits = N if all_logits else B
+    b.norm("final_norm", 1, n_logits, h, group="head")
+    b.matmul("lm_head", 1, n_logits, h, m.vocab_size, group="head")
+    if include_sampling:
+        b.ops.append(Op("sample", "elementwise", 1, n_logits * m.vocab_size,
+                        act_read_bytes=n_logits * m.vocab_size * a, act_write_bytes=n_logits * INDEX_BYTES,
+                        group="head"))
+    return b.ops
+
+
+def _dense_mlp(b: _Builder, layers, N, ffn, prefix):
+    m, h = b.m, b.m.hidden_size
+    if m.gated_mlp:
+        b.matmul(f"{prefix}gate_proj", layers, N, h, ffn)
+        b.matmul(f"{prefix}up_proj", layers, N, h, ffn)
+        act = "silu_mul" if m.activation == "silu" else "gelu_mul"
+        b.elementwise(f"{prefix}act_mul", layers, N * ffn, FLOPS_PER_ELEMENT[act], n_inputs=2)
+        b.matmul(f"{prefix}down_proj", layers, N, ffn, h)
+    else:
+        b.matmul(f"{prefix}up_proj", layers, N, h, ffn, bias=m.linear_bias)
+        b.elementwise(f"{prefix}act", layers, N * ffn, FLOPS_PER_ELEMENT["gelu"])
+        b.matmul(f"{prefix}down_proj", layers, N, ffn, h, bias=m.linear_bias)
+
+
+def _moe(b: _Builder, layers, N, experts_touched):
+    m, h, a = b.m, b.m.hidden_size, b.a
+    E, k, f = m.num_experts, m.experts_per_token, m.moe_intermediate_size
+    touched = expected_experts_touched(E, k, N) if experts_touched is None else np.asarray(experts_touched)
+    b.matmul("router", layers, N, h, E)
+    b.ops.append(Op("router_topk", "elementwise", layers, N * E * FLOPS_PER_ELEMENT["softmax"],
+                    act_read_bytes=N * E * a, act_write_bytes=N * k * (a + INDEX_BYTES)))
+    routed = N * k  # token-expert assignments
+    act = "silu_mul" if m.activation == "silu" else "gelu_mul"
+    # the weight bytes are those of the distinct experts touched, however many tokens each one serves
+    per_expert = routed / np.maximum(touched, 1)  # rows each expert's matmul sees
+    b.matmul("expert_gate", layers, routed, h, f, weight_bytes=touched * b.wbytes(h * f), rows_per_weight=per_expert)
+    b.matmul("expert_up", layers, routed, h, f, weight_bytes=touched * b.wbytes(h * f), rows_per_weight=per_expert)
+    b.elementwise("expert_act_mul", layers, routed * f, FLOPS_PER_ELEMENT[act], n_inputs=2)
+    b.matmul("expert_down", layers, routed, f, h, weight_bytes=touched * b.wbytes(f * h), rows_per_weight=per_expert)
+    b.ops.append(Op("moe_combine", "elementwise", layers, 2 * routed * h,
+                    act_read_bytes=routed * h * a + routed * a, act_write_bytes=N * h * a))
+    if m.num_shared_experts:
+        _dense_mlp(b, layers, N, m.num_shared_experts * f, "shared_")
+
+
+def _mla_attention(b: _Builder, L, B, T, P, N, flash, phase, kv_tok):
+    """DeepSeek multi-head latent attention. The cache holds the kv_lora latent plus the shared RoPE key.
+
+    Prefill expands the latent into full per-head K/V (kv_b_proj) and attends as MHA. Decode absorbs
+    kv_b_proj into the query and output sides and attends over the latent directly, as DeepSeek serves it.
+    """
+    m, h, a = b.m, b.m.hidden_size, b.a
+    nq, r, c = m.num_heads, m.qk_rope_head_dim, m.kv_lora_rank
+    dn, dv, dqk = m.qk_nope_head_dim, m.v_head_dim, m.qk_head_dim
+    if m.q_lora_rank:
+        b.matmul("q_a_proj", L, N, h, m.q_lora_rank)
+        b.norm("q_a_norm", L, N, m.q_lora_rank)
+        b.matmul("q_b_proj", L, N, m.q_lora_rank, nq * dqk)
+    else:
+        b.matmul("q_proj", L, N, h, nq * dqk)
+    b.matmul("kv_a_proj", L, N, h, c + r)
+    b.norm("kv_a_norm", L, N, c)
+    b.elementwise("rope", L, N * (nq + 1) * r, FLOPS_PER_ELEMENT["rope"], extra_read=2 * N * r * a)
+    b.ops.append(Op("kv_write", "memory", L, 0, act_read_bytes=N * (c + r) * a, kv_write_bytes=N * kv_tok))
+    W = m.sliding_window
+    if phase == "prefill":
+        keys = materialised_keys(P, T, W)
+        b.matmul("kv_b_proj", L, B * keys, c, nq * (dn + dv))
+        # expanded K (nope + shared rope part) and V are activations here, not cache reads
+        b.attention(L, B, T, P, nq, nq, dqk, dv, nq * (dqk + dv) * a, flash, W, kv_is_cache=False)
+        b.matmul("o_proj", L, N, nq * dv, h)
+    else:
+        b.matmul("q_absorb", L, N * nq, dn, c, weight_elems=nq * dn * c)
+        b.attention(L, B, T, P, nq, 1, c + r, c, kv_tok, flash, W)
+        b.matmul("out_absorb", L, N * nq, c, dv, weight_elems=nq * c * dv)
+        b.matmul("o_proj", L, N, nq * dv, h)

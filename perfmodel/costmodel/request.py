@@ -1,0 +1,145 @@
+"""Request-level results: prefill, every decode step, memory, and what follows (TTFT, TPOT, throughput)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from perfmodel.costmodel.operators import (Precision, kv_bytes_per_token_layer, kv_cache_bytes, phase_ops,
+                                           weight_memory_bytes)
+from perfmodel.costmodel.roofline import OpTiming, op_timings, phase_summary
+from perfmodel.errors import PerfmodelError
+from perfmodel.specs.hardware import HardwareSpec
+from perfmodel.specs.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int = 1
+    input_tokens: int = 512
+    output_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        for f, lo in (("batch", 1), ("input_tokens", 1), ("output_tokens", 1)):
+            v = getattr(self, f)
+            if not isinstance(v, (int, np.integer)) or v < lo:
+                raise PerfmodelError(f"{f.replace('_tokens', '')}: {v!r} is not valid; allowed: an integer >= {lo}")
+
+    @property
+    def decode_steps(self) -> int:
+        """The first output token comes from prefill; each further one takes a decode step."""
+        return self.output_tokens - 1
+
+    @property
+    def decode_past(self) -> np.ndarray:
+        """Cached tokens before each decode step: the prompt plus the output tokens so far, minus the new one."""
+        return self.input_tokens + np.arange(self.decode_steps)
+
+
+@dataclass
+class Analysis:
+    model: ModelSpec
+    hardware: HardwareSpec
+    workload: Workload
+    precision: Precision
+    flash: bool
+    prefill: list[OpTiming]
+    decode: list[OpTiming]  # arrays over decode steps
+
+    def _phase(self, timings: list[OpTiming]) -> dict:
+        s = phase_summary(timings)
+        total = lambda x: float(np.sum(x))  # noqa: E731  decode arrays run over steps
+        cb, mb = total(s["compute_bound_s"]), total(s["memory_bound_s"])
+        return {"flops": int(np.sum(s["flops"])), "bytes": int(np.sum(s["bytes"])), "time_s": total(s["time_s"]),
+                "bound": "compute" if cb >= mb else "memory", "compute_bound_s": cb, "memory_bound_s": mb}
+
+    @property
+    def prefill_summary(self) -> dict:
+        return self._phase(self.prefill)
+
+    @property
+    def decode_summary(self) -> dict:
+        if not self.workload.decode_steps:
+            return {"flops": 0, "bytes": 0, "time_s": 0.0, "bound": "none", "compute_bound_s": 0.0,
+                    "memory_bound_s": 0.0}
+        return self._phase(self.decode)
+
+    def decode_step_times(self) -> np.ndarray:
+        if not self.workload.decode_steps:
+            return np.zeros(0)
+        return np.asarray(phase_summary(self.decode)["time_s"], dtype=np.float64).reshape(-1)
+
+    @property
+    def request(self) -> dict:
+        w = self.workload
+        ttft = self.prefill_summary["time_s"]
+        steps = self.decode_step_times()
+        decode_s = float(steps.sum())
+        e2e = ttft + decode_s
+        tpot = decode_s / len(steps) if len(steps) else 0.0
+        return {"ttft_s": ttft, "tpot_s": tpot,
+                "tpot_first_s": float(steps[0]) if len(steps) else 0.0,
+                "tpot_last_s": float(steps[-1]) if len(steps) else 0.0,
+                "e2e_s": e2e, "tokens_per_s": w.batch * w.output_tokens / e2e,
+                "decode_tokens_per_s": w.batch / tpot if tpot else 0.0}
+
+    @property
+    def memory(self) -> dict:
+        m, w, p = self.model, self.workload, self.precision
+        weights = weight_memory_bytes(m, p)
+        kv = int(kv_cache_bytes(m, w.input_tokens + w.output_tokens, w.batch, p.kv_cache))
+        act = activation_peak_bytes(self.prefill)
+        total = weights + kv + act
+        cap = self.hardware.memory_capacity
+        return {"weights_bytes": int(weights), "kv_cache_bytes": kv,
+                "kv_bytes_per_token": m.num_layers * kv_bytes_per_token_layer(m, p.kv_cache),
+                "activation_bytes": int(act), "total_bytes": int(total), "capacity_bytes": int(cap),
+                "fits": bool(total <= cap)}
+
+    def op_rows(self) -> list[dict]:
+        """LLM-Viewer style per-operator table: per phase, each operator's totals over its layers (and steps)."""
+        rows = []
+        for phase, timings in (("prefill", self.prefill), ("decode", self.decode)):
+            if phase == "decode" and not self.workload.decode_steps:
+                continue
+            steps = self.workload.decode_steps if phase == "decode" else 1
+            # decode operators whose cost does not depend on context are scalars: count them once per step
+            total = lambda x: np.sum(np.broadcast_to(x, (steps,)))  # noqa: E731
+            for t in timings:
+                n = t.op.layers
+                comp, mem = float(total(t.compute_s)) * n, float(total(t.memory_s)) * n
+                flops, nbytes = int(total(t.op.flops)) * n, int(total(t.op.bytes)) * n
+                rows.append({
+                    "phase": phase, "op": t.op.name, "kind": t.op.kind, "layers": n, "flops": flops,
+                    "bytes": nbytes, "weight_bytes": int(total(t.op.weight_bytes)) * n,
+                    "kv_bytes": int(total(t.op.kv_read_bytes) + total(t.op.kv_write_bytes)) * n,
+                    "arithmetic_intensity": flops / max(nbytes, 1),
+                    "time_s": float(total(t.time_s)) * n, "bound": "compute" if comp >= mem else "memory",
+                })
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.name, "hardware": self.hardware.name,
+                "workload": {"batch": self.workload.batch, "input": self.workload.input_tokens,
+                             "output": self.workload.output_tokens},
+                "precision": {"weights": self.precision.weights, "activations": self.precision.activations,
+                              "kv_cache": self.precision.kv_cache},
+                "flash_attention": self.flash,
+                "prefill": self.prefill_summary, "decode": self.decode_summary, "request": self.request,
+                "memory": self.memory, "ops": self.op_rows()}
+
+
+def activation_peak_bytes(timings: list[OpTiming]) -> int:
+    """The largest working set of activations one operator holds at once (its inputs and outputs)."""
+    return int(max(np.max(np.asarray(t.op.act_read_bytes + t.op.act_write_bytes)) for t in timings))
+
+
+def analyze(model: ModelSpec, hardware: HardwareSpec, workload: Workload, precision: Precision | None = None,
+            flash: bool = True) -> Analysis:
+    p = precision or Precision()
+    w = workload
+    prefill = op_timings(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill"), hardware, p)
+    past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
+    decode = op_timings(phase_ops(model, w.batch, 1, past, p, flash, phase="decode"), hardware, p)
+    return Analysis(model, hardware, w, p, flash, prefill, decode)

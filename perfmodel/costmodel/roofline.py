@@ -1,0 +1,68 @@
+"""The roofline: an operator takes max(compute time, memory time) at the hardware's achievable roofs, plus overhead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from perfmodel.costmodel.operators import Op, Precision
+from perfmodel.specs.hardware import HardwareSpec
+
+
+@dataclass
+class OpTiming:
+    op: Op
+    compute_s: object
+    memory_s: object
+    overhead_s: float
+
+    @property
+    def time_s(self):
+        return np.maximum(self.compute_s, self.memory_s) + self.overhead_s
+
+    @property
+    def bound(self):
+        return np.where(self.compute_s >= self.memory_s, "compute", "memory")
+
+    @property
+    def arithmetic_intensity(self):
+        return np.asarray(self.op.flops) / np.maximum(np.asarray(self.op.bytes), 1)
+
+
+def compute_roof(hw: HardwareSpec, kind: str, precision: Precision) -> float:
+    """Peak FLOP/s an operator kind can use: tensor units for matmuls and attention, vector units otherwise."""
+    if kind in ("matmul", "attention"):
+        return hw.peak_flops(precision.compute_dtype)
+    return hw.vector_tflops * 1e12
+
+
+def op_timing(op: Op, hw: HardwareSpec, precision: Precision) -> OpTiming:
+    eff = hw.efficiency
+    c_eff = eff.compute
+    if op.kind in ("matmul", "attention") and eff.matmul_half_dim and op.min_dim is not None:
+        d = np.asarray(op.min_dim, dtype=np.float64)
+        c_eff = c_eff * d / (d + eff.matmul_half_dim)
+    m_eff = eff.memory
+    if op.kind in ("elementwise", "memory") and eff.elementwise_memory:
+        m_eff = eff.elementwise_memory
+    compute_s = np.asarray(op.flops, dtype=np.float64) / (compute_roof(hw, op.kind, precision) * c_eff)
+    memory_s = np.asarray(op.bytes, dtype=np.float64) / (hw.memory_bandwidth * m_eff)
+    overhead = (hw.launch_overhead_us + eff.op_overhead_us) * 1e-6
+    return OpTiming(op, compute_s, memory_s, overhead)
+
+
+def op_timings(ops: list[Op], hw: HardwareSpec, precision: Precision) -> list[OpTiming]:
+    return [op_timing(op, hw, precision) for op in ops]
+
+
+def phase_summary(timings: list[OpTiming]) -> dict:
+    """Totals over all operators, each counted once per layer it runs in."""
+    flops = sum(np.asarray(t.op.flops) * t.op.layers for t in timings)
+    nbytes = sum(np.asarray(t.op.bytes) * t.op.layers for t in timings)
+    time_s = sum(t.time_s * t.op.layers for t in timings)
+    compute_s = sum(np.maximum(t.compute_s, 0) * t.op.layers * (t.compute_s >= t.memory_s) for t in timings)
+    memory_s = sum(t.memory_s * t.op.layers * (t.compute_s < t.memory_s) for t in timings)
+    bound = np.where(compute_s >= memory_s, "compute", "memory")
+    return {"flops": flops, "bytes": nbytes, "time_s": time_s, "bound": bound,
+            "compute_bound_s": compute_s, "memory_bound_s": memory_s}

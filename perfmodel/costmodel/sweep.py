@@ -1,0 +1,137 @@
+"""Vectorised request-level sweep: one numpy evaluation per (model, hardware) over the whole grid.
+
+A decode step's FLOPs and bytes are affine in the context length (piecewise, with one break at a sliding
+window), so each operator's time is max(affine, affine) + overhead and its sum over all decode steps has a
+closed form: the sweep is exact, not sampled, and costs O(operators) per grid point whatever the output length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from perfmodel.costmodel.operators import Precision, kv_cache_bytes, phase_ops, weight_memory_bytes
+from perfmodel.costmodel.roofline import op_timings, phase_summary
+from perfmodel.specs.hardware import HardwareSpec
+from perfmodel.specs.model import ModelSpec
+
+
+def _pieces(c0, c1, m0, m1, over, layers, lo, hi):
+    """Integer pieces of [lo, hi] (hi may be inf) on which every operator keeps its bound, as
+    (starts, a, b): summed over operators the step time is a + b*past on [starts[k], starts[k+1])."""
+    e = c1 - m1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = (m0 - c0) / e
+    # first integer past at which the winner changes (only where the lines cross inside the segment)
+    split = np.where(e > 0, np.ceil(cross), np.floor(cross) + 1)
+    valid = (e != 0) & np.isfinite(split) & (split > lo) & (split <= hi)
+    starts = np.unique(np.concatenate([[lo], split[valid]]))
+    mid = starts[:, None]  # probe each piece at its start: the winner is constant across the piece
+    compute_wins = (c0 + c1 * mid) >= (m0 + m1 * mid)
+    a = (layers * (np.where(compute_wins, c0, m0) + over)).sum(axis=1)
+    b = (layers * np.where(compute_wins, c1, m1)).sum(axis=1)
+    return starts, a, b
+
+
+def _decode_coefficients(model, hw, p, flash, batch_u, at):
+    """Per operator (rows) and distinct batch (columns): compute and memory seconds as affine functions of
+    past tokens, read off at past = at and at + 1 (exact: the costs are affine on each segment)."""
+    t0 = op_timings(phase_ops(model, batch_u, 1, at, p, flash, phase="decode"), hw, p)
+    t1 = op_timings(phase_ops(model, batch_u, 1, at + 1, p, flash, phase="decode"), hw, p)
+    shape = (len(batch_u),)
+    stack = lambda ts, f: np.stack([np.broadcast_to(getattr(t, f), shape) for t in ts])  # noqa: E731
+    c0, m0 = stack(t0, "compute_s"), stack(t0, "memory_s")
+    c1, m1 = stack(t1, "compute_s") - c0, stack(t1, "memory_s") - m0
+    over = np.array([t.overhead_s for t in t0])[:, None]
+    layers = np.array([t.op.layers for t in t0], dtype=np.float64)[:, None]
+    return c0 - c1 * at, c1, m0 - m1 * at, m1, over, layers
+
+
+def _decode_totals(model, hw, p, flash, batch, inp, out):
+    """Total decode seconds over the steps with past = inp .. inp+out-2, and the first and last step times.
+
+    Per distinct batch the step time is piecewise linear in past, so its prefix sum F(x) = sum_{y<=x} step(y)
+    is piecewise quadratic; each grid point is then two lookups: F(inp+out-2) - F(inp-1).
+    """
+    inv, batch_u = pd.factorize(batch, sort=True)  # hashing: O(n), unlike np.unique's sort
+    W = model.sliding_window
+    segments = [(0, np.inf)] if W is None else [(0, W - 1), (W, np.inf)]
+    coeffs = [_decode_coefficients(model, hw, p, flash, batch_u, lo) for lo, _ in segments]
+    keys, a_all, b_all, f_all = [], [], [], []
+    span = 2.0 ** 40  # key = batch index * span + past, exact in float64
+    for j in range(len(batch_u)):
+        starts, a, b = (np.concatenate(x) for x in zip(*(
+            _pieces(*(c[:, j] for c in cf[:4]), cf[4][:, 0], cf[5][:, 0], lo, hi)
+            for cf, (lo, hi) in zip(coeffs, segments))))
+        # F at the end of each piece, accumulated: F(start_k - 1) for piece k
+        ends = np.append(starts[1:] - 1, starts[-1])
+        piece_sum = _affine_sum(starts, ends, a, b)
+        f_before = np.concatenate([[0.0], np.cumsum(piece_sum[:-1])])
+        keys.append(j * span + starts)
+        a_all.append(a)
+        b_all.append(b)
+        f_all.append(f_before)
+    keys, a_all, b_all = np.concatenate(keys), np.concatenate(a_all), np.concatenate(b_all)
+    f_start = np.concatenate(f_all)
+    starts_all = keys - np.floor(keys / span) * span
+
+    def prefix(x):  # F(x) = sum of step times for past in [0, x]; F(-1) = 0
+        xc = np.maximum(x, 0)
+        k = np.searchsorted(keys, inv * span + xc, side="right") - 1
+        return np.where(x < 0, 0.0, f_start[k] + _affine_sum(starts_all[k], xc, a_all[k], b_all[k])), k
+
+    x_first, x_last = inp, inp + out - 2
+    f_hi, k_last = prefix(x_last)
+    f_lo, _ = prefix(x_first - 1)
+    _, k_first = prefix(x_first)
+    step = lambda k, x: a_all[k] + b_all[k] * x  # noqa: E731
+    return f_hi - f_lo, step(k_first, x_first), step(k_last, x_last)
+
+
+def _affine_sum(x0, x1, a, b):
+    """Sum of a + b*x over integers x0..x1 (zero when x1 < x0)."""
+    n = np.maximum(x1 - x0 + 1, 0)
+    return n * a + b * (x0 + x1) * n / 2
+
+
+def sweep_arrays(model: ModelSpec, hw: HardwareSpec, batch, inp, out, precision: Precision | None = None,
+                 flash: bool = True) -> dict[str, np.ndarray]:
+    """Request-level figures for aligned 1-D arrays batch, inp, out (one entry per grid point)."""
+    p = precision or Precision()
+    batch, inp, out = (np.asarray(x, dtype=np.float64) for x in (batch, inp, out))
+    # prefill depends on (batch, input) only: evaluate each distinct pair once
+    pair_inv, pair_keys = pd.factorize(batch * 2.0 ** 32 + inp)
+    pairs = np.stack([np.floor(pair_keys / 2.0 ** 32), pair_keys % 2.0 ** 32])
+    pre = phase_summary(op_timings(phase_ops(model, pairs[0], pairs[1], 0, p, flash, phase="prefill"), hw, p))
+    ttft = np.broadcast_to(pre["time_s"], pairs[0].shape)[pair_inv]
+    prefill_bound = np.broadcast_to(pre["bound"], pairs[0].shape)[pair_inv]
+    decode_s, tpot_first, tpot_last = _decode_totals(model, hw, p, flash, batch, inp, out)
+    e2e = ttft + decode_s
+    weights = weight_memory_bytes(model, p)
+    kv = kv_cache_bytes(model, inp + out, batch, p.kv_cache)
+    total = weights + kv
+    has_decode = out > 1
+    return {
+        "ttft_s": ttft, "tpot_s": np.where(has_decode, decode_s / np.maximum(out - 1, 1), 0.0),
+        "tpot_first_s": np.where(has_decode, tpot_first, 0.0), "tpot_last_s": np.where(has_decode, tpot_last, 0.0),
+        "e2e_s": e2e, "tokens_per_s": batch * out / e2e,
+        "prefill_bound": prefill_bound,
+        "weights_bytes": np.full(batch.shape, float(weights)), "kv_cache_bytes": kv, "memory_bytes": total,
+        "fits": total <= hw.memory_capacity,
+    }
+
+
+def sweep(models: list[ModelSpec], hardware: list[HardwareSpec], batches, inputs, outputs,
+          precision: Precision | None = None, flash: bool = True, progress=None) -> pd.DataFrame:
+    """Cartesian grid models x hardware x batch x input x output, as a DataFrame (one row per point)."""
+    b, i, o = np.meshgrid(np.asarray(batches), np.asarray(inputs), np.asarray(outputs), indexing="ij")
+    b, i, o = b.ravel(), i.ravel(), o.ravel()
+    frames = []
+    for m in models:
+        for hw in hardware:
+            cols = sweep_arrays(m, hw, b, i, o, precision, flash)
+            frames.append(pd.DataFrame({"model": m.name, "hardware": hw.name, "batch": b, "input": i,
+                                        "output": o, **cols}))
+            if progress:
+                progress()
+    return pd.concat(frames, ignore_index=True)

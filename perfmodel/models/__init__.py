@@ -1,0 +1,1 @@
+"""Package data: the built-in model library (library.yaml)."""
