@@ -1,0 +1,48 @@
+"""Resolve --model for the engine: real SmolLM2 weights, a GGUF file, a safetensors folder, or random weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from perfmodel.engine.transformer import Weights
+from perfmodel.errors import PerfmodelError
+from perfmodel.specs.model import ModelSpec, load_model
+
+REAL_WEIGHTS = ("smollm2-135m",)
+
+
+def load_engine_model(name: str, layers: int | None = None, seed: int = 0):
+    """(spec, weights, tokenizer or None). Library models other than SmolLM2-135M get random weights at their
+    true shapes, with `layers` layers if given (to fit this machine)."""
+    from perfmodel.engine.weights import load_gguf, load_safetensors, random_weights, smollm2_gguf_path
+
+    p = Path(name)
+    tokenizer = None
+    if name.lower() in REAL_WEIGHTS or p.suffix == ".gguf":
+        from perfmodel.engine.tokenizer import GGUFTokenizer
+
+        path = smollm2_gguf_path() if name.lower() in REAL_WEIGHTS else p
+        if not path.is_file():
+            raise PerfmodelError(f"model: GGUF file {path} not found")
+        spec, weights = load_gguf(path)
+        spec = spec.replace(name=name.lower() if name.lower() in REAL_WEIGHTS else spec.name)
+        tokenizer = GGUFTokenizer(path)
+    elif p.is_dir() and list(p.glob("*.safetensors")):
+        spec, weights = load_safetensors(p)
+    else:
+        spec = load_model(name)
+        if layers:
+            spec = spec.replace(num_layers=layers, first_dense_layers=min(spec.first_dense_layers, layers))
+        weights = random_weights(spec, seed)
+        return spec, weights, None
+    if layers:
+        spec, weights = truncate(spec, weights, layers)
+    return spec, weights, tokenizer
+
+
+def truncate(spec: ModelSpec, weights: Weights, layers: int) -> tuple[ModelSpec, Weights]:
+    if not 1 <= layers <= spec.num_layers:
+        raise PerfmodelError(f"--layers: {layers} is not valid; allowed: 1..{spec.num_layers}")
+    return (spec.replace(num_layers=layers),
+            Weights(weights.tok_emb, weights.layers[:layers], weights.final_norm, weights.final_norm_b,
+                    weights.lm_head, weights.pos_emb))

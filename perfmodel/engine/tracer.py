@@ -1,0 +1,58 @@
+"""Per-operator measurements: FLOPs counted from the real tensor shapes, bytes from the real tensors, wall time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OpRecord:
+    phase: str
+    step: int
+    name: str
+    kind: str
+    layer: int
+    flops: int
+    weight_bytes: int = 0
+    act_read_bytes: int = 0
+    kv_read_bytes: int = 0
+    act_write_bytes: int = 0
+    kv_write_bytes: int = 0
+    time_s: float = 0.0
+
+    @property
+    def bytes(self) -> int:
+        return (self.weight_bytes + self.act_read_bytes + self.kv_read_bytes + self.act_write_bytes
+                + self.kv_write_bytes)
+
+
+@dataclass
+class Tracer:
+    """Collects OpRecords while enabled. phase/step are set by the generation loop."""
+
+    enabled: bool = True
+    timed: bool = True
+    phase: str = "prefill"
+    step: int = 0
+    records: list[OpRecord] = field(default_factory=list)
+    sync: object = None
+    experts_touched: list[int] = field(default_factory=list)
+
+    def start(self) -> float:
+        if self.timed and self.sync:
+            self.sync()
+        return time.perf_counter()
+
+    def record(self, t0: float, name: str, kind: str, layer: int, flops: int, **nbytes) -> None:
+        if not self.enabled:
+            return
+        if self.timed and self.sync:
+            self.sync()
+        dt = time.perf_counter() - t0 if self.timed else 0.0
+        self.records.append(OpRecord(self.phase, self.step, name, kind, layer, int(flops),
+                                     **{k: int(v) for k, v in nbytes.items()}, time_s=dt))
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.experts_touched.clear()

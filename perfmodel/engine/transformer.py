@@ -1,0 +1,329 @@
+"""The decoder-only transformer, written once for both backends (after gpt-fast's and nanoGPT's model code).
+
+Covers the library's families at their true shapes: Llama (RMSNorm, RoPE, GQA/MQA, SwiGLU, tied or untied
+head), Mixtral (router + top-k experts) and GPT-2 (LayerNorm, GELU, learned positions, biases). Every operator
+is recorded under the cost model's name with FLOPs from the real shapes and bytes from the real tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from perfmodel.costmodel.operators import FLOPS_PER_ELEMENT
+from perfmodel.engine.tracer import Tracer
+from perfmodel.errors import PerfmodelError
+from perfmodel.specs.model import ModelSpec
+
+
+def numel(x) -> int:
+    return int(np.prod(tuple(x.shape), dtype=np.int64))
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: object
+    q: object
+    k: object
+    v: object
+    o: object
+    mlp_norm: object
+    gate: object = None
+    up: object = None
+    down: object = None
+    attn_norm_b: object = None
+    mlp_norm_b: object = None
+    q_b: object = None
+    k_b: object = None
+    v_b: object = None
+    o_b: object = None
+    up_b: object = None
+    down_b: object = None
+    router: object = None
+    experts: list | None = None  # [(gate, up, down)] per expert
+
+
+@dataclass
+class Weights:
+    tok_emb: object  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: object
+    final_norm_b: object = None
+    lm_head: object = None  # [hidden, vocab]; None when tied to tok_emb
+    pos_emb: object = None  # [max_position, hidden] for learned positions
+
+    def map(self, f) -> "Weights":
+        """Apply f to every array (e.g. move to a backend)."""
+        def conv(x):
+            if x is None:
+                return None
+            if isinstance(x, list):
+                return [tuple(conv(t) for t in e) for e in x]
+            return f(x)
+        layers = [LayerWeights(**{k: conv(v) for k, v in vars(lw).items()}) for lw in self.layers]
+        return Weights(conv(self.tok_emb), layers, conv(self.final_norm), conv(self.final_norm_b),
+                       conv(self.lm_head), conv(self.pos_emb))
+
+
+class KVCache:
+    """Preallocated per-layer K and V: [batch, kv_heads, max_tokens, head_dim]."""
+
+    def __init__(self, be, spec: ModelSpec, batch: int, max_tokens: int):
+        shape = (batch, spec.num_kv_heads, max_tokens, spec.head_dim)
+        self.k = [be.zeros(shape) for _ in range(spec.num_layers)]
+        self.v = [be.zeros(shape) for _ in range(spec.num_layers)]
+        self.length = 0
+        self.max_tokens = max_tokens
+        self._be = be
+
+    def nbytes(self) -> int:
+        """Real size of the allocated cache tensors."""
+        return sum(self._be.nbytes(t) for t in self.k + self.v)
+
+    def used_bytes(self) -> int:
+        """Bytes of the filled part: what the formula 2*layers*kv_heads*head_dim*tokens*bytes describes."""
+        per_token = sum(self._be.nbytes(t) for t in self.k + self.v) // self.max_tokens
+        return per_token * self.length
+
+
+class Transformer:
+    def __init__(self, spec: ModelSpec, weights: Weights, backend, flash: bool = False,
+                 tracer: Tracer | None = None):
+        if spec.is_mla:
+            raise PerfmodelError(f"model {spec.name}: the reference engine runs llama, mixtral and gpt2 families; "
+                                 "MLA (deepseek) is modelled analytically only")
+        if flash and backend.name != "torch":
+            raise PerfmodelError("--flash: FlashAttention needs --backend torch (the numpy backend materialises scores)")
+        self.spec, self.be, self.flash = spec, backend, flash
+        self.w = weights.map(backend.asarray)
+        self.tr = tracer or Tracer(enabled=False)
+        self.tr.sync = backend.sync
+        if spec.positions == "rope":
+            d = spec.head_dim
+            inv = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+            ang = np.outer(np.arange(spec.max_position, dtype=np.float64), inv)
+            ang = np.concatenate([ang, ang], axis=-1)
+            self._cos, self._sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+    # --- instrumented primitives -------------------------------------------------------------
+    def _nb(self, *xs) -> int:
+        return sum(self.be.nbytes(x) for x in xs if x is not None)
+
+    def _linear(self, name, layer, x, w, b=None):
+        t0 = self.tr.start()
+        y = self.be.matmul(x, w)
+        if b is not None:
+            y = y + b
+        rows, (k, n) = numel(x) // x.shape[-1], tuple(w.shape)
+        self.tr.record(t0, name, "matmul", layer, 2 * rows * k * n + (rows * n if b is not None else 0),
+                       weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x), act_write_bytes=self._nb(y))
+        return y
+
+    def _norm(self, name, layer, x, w, b=None):
+        t0 = self.tr.start()
+        if self.spec.norm == "layernorm":
+            y = self.be.layernorm(x, w, b, self.spec.norm_eps)
+        else:
+            y = x * self.be.rsqrt_mean_square(x, self.spec.norm_eps) * w
+        self.tr.record(t0, name, "elementwise", layer, FLOPS_PER_ELEMENT[self.spec.norm] * numel(x),
+                       weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x), act_write_bytes=self._nb(y))
+        return y
+
+    def _add(self, name, layer, x, y):
+        t0 = self.tr.start()
+        z = x + y
+        self.tr.record(t0, name, "elementwise", layer, numel(z), act_read_bytes=self._nb(x, y),
+                       act_write_bytes=self._nb(z))
+        return z
+
+    # --- forward ------------------------------------------------------------------------------
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False, pad: np.ndarray | None = None):
+        """ids [batch, new tokens] after cache.length cached ones; returns logits [batch, T', vocab] where T' is
+        1 (the last position) unless all_logits. pad: left-padding per sequence, masked out of attention."""
+        be, s = self.be, self.spec
+        B, T = ids.shape
+        P = cache.length
+        if P + T > cache.max_tokens:
+            raise PerfmodelError(f"context: {P + T} tokens exceed the cache's {cache.max_tokens}")
+        pad = np.zeros(B, dtype=np.int64) if pad is None else np.asarray(pad, dtype=np.int64)
+        pos = np.maximum(P + np.arange(T)[None, :] - pad[:, None], 0)  # [B, T] positions per sequence
+        x = self._embed(ids, pos)
+        mask = self._mask(B, T, P, pad)
+        for i, lw in enumerate(self.w.layers):
+            h = self._norm("attn_norm", i, x, lw.attn_norm, lw.attn_norm_b)
+            a = self._attention(i, lw, h, pos, cache, mask)
+            x = self._add("attn_residual", i, x, a)
+            h = self._norm("mlp_norm", i, x, lw.mlp_norm, lw.mlp_norm_b)
+            m = self._moe(i, lw, h) if lw.router is not None else self._mlp(i, lw, h)
+            x = self._add("mlp_residual", i, x, m)
+        cache.length = P + T
+        if not all_logits:
+            x = x[:, -1:, :]
+        x = self._norm("final_norm", -1, x, self.w.final_norm, self.w.final_norm_b)
+        head = self.w.lm_head if self.w.lm_head is not None else be.swap_last(self.w.tok_emb)
+        return self._linear("lm_head", -1, x, head)
+
+    def _embed(self, ids, pos):
+        be = self.be
+        t0 = self.tr.start()
+        ids_a = be.index_array(ids)
+        x = be.take(self.w.tok_emb, ids_a)
+        weight = self._nb(x)  # the gathered rows are what is read from the table
+        flops = 0
+        if self.w.pos_emb is not None:
+            p = be.take(self.w.pos_emb, be.index_array(pos))
+            weight += self._nb(p)
+            x = x + p
+            flops = numel(x)
+        self.tr.record(t0, "embed", "memory", -1, flops, weight_bytes=weight, act_read_bytes=ids.size * 8,
+                       act_write_bytes=self._nb(x))
+        return x
+
+    def _mask(self, B, T, P, pad):
+        """[B, 1, T, P+T] bool: causal, sliding window, and not a left pad."""
+        q = P + np.arange(T)[:, None]
+        k = np.arange(P + T)[None, :]
+        m = k <= q
+        if self.spec.sliding_window:
+            m &= k > q - self.spec.sliding_window
+        m = m[None, :, :] & (k[None, :, :] >= pad[:, None, None])
+        return m[:, None, :, :]
+
+    def _rope(self, layer, q, k, pos):
+        be = self.be
+        t0 = self.tr.start()
+        cos = be.asarray(self._cos[pos])[:, None, :, :]  # [B, 1, T, d]
+        sin = be.asarray(self._sin[pos])[:, None, :, :]
+        half = q.shape[-1] // 2
+
+        def rot(x):
+            return x * cos + be.concat([-x[..., half:], x[..., :half]], -1) * sin
+
+        q2, k2 = rot(q), rot(k)
+        self.tr.record(t0, "rope", "elementwise", layer, FLOPS_PER_ELEMENT["rope"] * (numel(q) + numel(k)),
+                       act_read_bytes=self._nb(q, k, cos, sin), act_write_bytes=self._nb(q2, k2))
+        return q2, k2
+
+    def _attention(self, i, lw, h, pos, cache, mask):
+        be, s, tr = self.be, self.spec, self.tr
+        B, T, _ = h.shape
+        nq, nkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+        q = be.transpose(self._linear("q_proj", i, h, lw.q, lw.q_b).reshape(B, T, nq, d), (0, 2, 1, 3))
+        k = be.transpose(self._linear("k_proj", i, h, lw.k, lw.k_b).reshape(B, T, nkv, d), (0, 2, 1, 3))
+        v = be.transpose(self._linear("v_proj", i, h, lw.v, lw.v_b).reshape(B, T, nkv, d), (0, 2, 1, 3))
+        if s.positions == "rope":
+            q, k = self._rope(i, q, k, pos)
+        P = cache.length
+        t0 = tr.start()
+        cache.k[i][:, :, P:P + T] = k
+        cache.v[i][:, :, P:P + T] = v
+        tr.record(t0, "kv_write", "memory", i, 0, act_read_bytes=self._nb(k, v),
+                  kv_write_bytes=self._nb(cache.k[i][:, :, P:P + T], cache.v[i][:, :, P:P + T]))
+        # under a sliding window only the band the new queries can see is read
+        first = max(0, P - s.sliding_window + 1) if s.sliding_window else 0
+        kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
+        mask = mask[..., first:]
+        pairs = int(mask.sum()) * nq  # (query, key) pairs the mask keeps, over all heads and sequences
+        scale = 1.0 / math.sqrt(d)
+        if self.flash:
+            t0 = tr.start()
+            out = be.sdpa(q, kc, vc, be.torch.as_tensor(mask, device=be.device), nkv != nq)
+            tr.record(t0, "attention", "attention", i, pairs * (4 * d + FLOPS_PER_ELEMENT["softmax"]),
+                      act_read_bytes=self._nb(q), kv_read_bytes=self._nb(kc, vc), act_write_bytes=self._nb(out))
+        else:
+            g = nq // nkv
+            qg = q.reshape(B, nkv, g, T, d)  # each KV head serves g query heads and is read once
+            t0 = tr.start()
+            scores = be.matmul(qg * scale, be.swap_last(kc)[:, :, None])
+            tr.record(t0, "qk", "attention", i, pairs * 2 * d, act_read_bytes=self._nb(q),
+                      kv_read_bytes=self._nb(kc), act_write_bytes=self._nb(scores))
+            t0 = tr.start()
+            probs = be.masked_softmax(scores, be_mask(be, mask[:, :, None]))
+            tr.record(t0, "softmax", "elementwise", i, pairs * FLOPS_PER_ELEMENT["softmax"],
+                      act_read_bytes=self._nb(scores), act_write_bytes=self._nb(probs))
+            t0 = tr.start()
+            out = be.matmul(probs, vc[:, :, None]).reshape(B, nq, T, d)
+            tr.record(t0, "av", "attention", i, pairs * 2 * d, act_read_bytes=self._nb(probs),
+                      kv_read_bytes=self._nb(vc), act_write_bytes=self._nb(out))
+        out = be.transpose(out, (0, 2, 1, 3)).reshape(B, T, nq * d)
+        return self._linear("o_proj", i, out, lw.o, lw.o_b)
+
+    def _mlp(self, i, lw, h, prefix=""):
+        be, tr = self.be, self.tr
+        if self.spec.gated_mlp:
+            g = self._linear(f"{prefix}gate_proj", i, h, lw.gate)
+            u = self._linear(f"{prefix}up_proj", i, h, lw.up)
+            t0 = tr.start()
+            act = be.silu(g) if self.spec.activation == "silu" else be.gelu(g)
+            y = act * u
+            kind = "silu_mul" if self.spec.activation == "silu" else "gelu_mul"
+            tr.record(t0, f"{prefix}act_mul", "elementwise", i, FLOPS_PER_ELEMENT[kind] * numel(y),
+                      act_read_bytes=self._nb(g, u), act_write_bytes=self._nb(y))
+            return self._linear(f"{prefix}down_proj", i, y, lw.down)
+        u = self._linear(f"{prefix}up_proj", i, h, lw.up, lw.up_b)
+        t0 = tr.start()
+        y = be.gelu(u)
+        tr.record(t0, f"{prefix}act", "elementwise", i, FLOPS_PER_ELEMENT["gelu"] * numel(y),
+                  act_read_bytes=self._nb(u), act_write_bytes=self._nb(y))
+        return self._linear(f"{prefix}down_proj", i, y, lw.down, lw.down_b)
+
+    def _moe(self, i, lw, h):
+        """Mixtral-style: softmax over the top-k router logits, each token through its k experts."""
+        be, tr, s = self.be, self.tr, self.spec
+        B, T, hd = h.shape
+        x = h.reshape(B * T, hd)
+        logits = self._linear("router", i, x, lw.router)
+        k = s.experts_per_token
+        t0 = tr.start()
+        top, idx = be.topk(logits, k)
+        gate_w = be.softmax(top)
+        tr.record(t0, "router_topk", "elementwise", i, FLOPS_PER_ELEMENT["softmax"] * numel(logits),
+                  act_read_bytes=self._nb(logits), act_write_bytes=self._nb(gate_w) + numel(idx) * 8)
+        idx_np = np.asarray(be.to_numpy(idx) if be.name == "torch" else idx).astype(np.int64)
+        flat = idx_np.reshape(-1)  # assignment a = token * k + slot
+        order = np.argsort(flat, kind="stable")
+        experts = np.unique(flat)
+        self.tr.experts_touched.append(len(experts))
+        groups = [(e, order[flat[order] == e]) for e in experts]
+        xs = [be.take(x, be.index_array(a // k)) for _, a in groups]
+
+        def per_expert(name, fn, inputs, wsel, kind="matmul"):
+            t0 = tr.start()
+            outs = [fn(e, *ins) for (e, _), ins in zip(groups, inputs)]
+            flops = sum(2 * numel(ins[0]) * (lw.experts[e][wsel].shape[-1]) for (e, _), ins in zip(groups, inputs))
+            tr.record(t0, name, kind, i, flops, weight_bytes=sum(self._nb(lw.experts[e][wsel]) for e, _ in groups),
+                      act_read_bytes=sum(self._nb(*ins) for ins in inputs), act_write_bytes=self._nb(*outs))
+            return outs
+
+        gs = per_expert("expert_gate", lambda e, a: be.matmul(a, lw.experts[e][0]), [(a,) for a in xs], 0)
+        us = per_expert("expert_up", lambda e, a: be.matmul(a, lw.experts[e][1]), [(a,) for a in xs], 1)
+        t0 = tr.start()
+        ys = [be.silu(g) * u for g, u in zip(gs, us)]
+        tr.record(t0, "expert_act_mul", "elementwise", i, FLOPS_PER_ELEMENT["silu_mul"] * sum(numel(y) for y in ys),
+                  act_read_bytes=self._nb(*gs, *us), act_write_bytes=self._nb(*ys))
+        ds = per_expert("expert_down", lambda e, a: be.matmul(a, lw.experts[e][2]), [(y,) for y in ys], 2)
+        t0 = tr.start()
+        out = be.zeros((B * T, hd))
+        w_flat = gate_w.reshape(-1)
+        for (_, a), dn in zip(groups, ds):
+            sel = be.index_array(a)
+            scaled = dn * be.take(w_flat, sel)[:, None]
+            out = index_add(be, out, be.index_array(a // k), scaled)
+        routed = len(flat)
+        tr.record(t0, "moe_combine", "elementwise", i, 2 * routed * hd,
+                  act_read_bytes=self._nb(*ds) + routed * self._nb(w_flat) // max(numel(w_flat), 1),
+                  act_write_bytes=self._nb(out))
+        return out.reshape(B, T, hd)
+
+
+def be_mask(be, mask):
+    return mask if be.name == "numpy" else be.torch.as_tensor(mask, device=be.device)
+
+
+def index_add(be, out, rows, vals):
+    if be.name == "numpy":
+        np.add.at(out, rows, vals)
+        return out
+    return out.index_add(0, rows, vals)

@@ -1,0 +1,76 @@
+"""Exact count equality: the engine's FLOPs and bytes per operator, phase and step equal the cost model's."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from perfmodel.costmodel.operators import Precision, phase_ops
+from perfmodel.engine.tracer import OpRecord
+from perfmodel.specs.model import ModelSpec
+
+FIELDS = ("flops", "weight_bytes", "act_read_bytes", "kv_read_bytes", "act_write_bytes", "kv_write_bytes")
+
+
+@dataclass
+class Mismatch:
+    phase: str
+    step: int
+    op: str
+    field: str
+    engine: int
+    model: int
+
+    def __str__(self) -> str:
+        return (f"{self.phase} step {self.step} {self.op}.{self.field}: engine {self.engine:,} != model "
+                f"{self.model:,} ({self.engine - self.model:+,})")
+
+
+def engine_totals(records: list[OpRecord]) -> dict:
+    """(phase, step) -> op name -> field -> total over layers, plus the layer count."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    for r in records:
+        d = out[(r.phase, r.step)][r.name]
+        for f in FIELDS:
+            d[f] += getattr(r, f)
+        d["calls"] += 1
+    return out
+
+
+def model_totals(spec: ModelSpec, batch: int, new: int, past: int, precision: Precision, flash: bool,
+                 experts_touched=None, all_logits: bool = False) -> dict:
+    ops = phase_ops(spec, batch, new, past, precision, flash, experts_touched=experts_touched,
+                    all_logits=all_logits, phase="prefill" if past == 0 and new > 1 else None)
+    out: dict = {}
+    for o in ops:
+        out[o.name] = {f: int(np.rint(np.asarray(getattr(o, "flops" if f == "flops" else f)) * o.layers))
+                       for f in FIELDS}
+        out[o.name]["calls"] = o.layers
+    return out
+
+
+def compare_generation(spec: ModelSpec, records: list[OpRecord], batch: int, prompt_len: int,
+                       precision: Precision, flash: bool, experts_touched: list[int] | None = None) -> list[Mismatch]:
+    """Every (phase, step, operator, field) of a cached generation of equal-length prompts."""
+    eng = engine_totals(records)
+    mism: list[Mismatch] = []
+    moe_layers = spec.moe_layers
+    for i, ((phase, step), ops) in enumerate(sorted(eng.items(), key=lambda kv: kv[0][1])):
+        new, past = (prompt_len, 0) if phase == "prefill" else (1, prompt_len + step - 1)
+        touched = None
+        if moe_layers and experts_touched is not None:
+            # the engine logs one count per MoE layer per step; the model takes their mean
+            touched = sum(experts_touched[step * moe_layers:(step + 1) * moe_layers]) / moe_layers
+        pred = model_totals(spec, batch, new, past, precision, flash, touched)
+        for name in sorted(set(ops) | set(pred)):
+            e, m = ops.get(name), pred.get(name)
+            if e is None or m is None:
+                mism.append(Mismatch(phase, step, name, "missing in " + ("engine" if e is None else "model"),
+                                     0, 0))
+                continue
+            for f in FIELDS:
+                if e[f] != m[f]:
+                    mism.append(Mismatch(phase, step, name, f, e[f], m[f]))
+    return mism
