@@ -113,7 +113,8 @@ class Transformer:
 
     def _linear(self, name, layer, x, w, b=None):
         t0 = self.tr.start()
-        y = self.be.matmul(x, w)
+        # as 2-D: BLAS then streams the weights in one gemm call (a stacked 3-D matmul is slower)
+        y = self.be.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
         if b is not None:
             y = y + b
         rows, (k, n) = numel(x) // x.shape[-1], tuple(w.shape)
@@ -151,6 +152,8 @@ class Transformer:
         pos = np.maximum(P + np.arange(T)[None, :] - pad[:, None], 0)  # [B, T] positions per sequence
         x = self._embed(ids, pos)
         mask = self._mask(B, T, P, pad)
+        if s.positions == "rope":  # gathered once per forward; every layer's rope still reads them
+            self._rope_tables = (be.asarray(self._cos[pos])[:, None, :, :], be.asarray(self._sin[pos])[:, None, :, :])
         for i, lw in enumerate(self.w.layers):
             h = self._norm("attn_norm", i, x, lw.attn_norm, lw.attn_norm_b)
             a = self._attention(i, lw, h, pos, cache, mask)
@@ -188,14 +191,14 @@ class Transformer:
         m = k <= q
         if self.spec.sliding_window:
             m &= k > q - self.spec.sliding_window
-        m = m[None, :, :] & (k[None, :, :] >= pad[:, None, None])
+        # pads see no real key; letting each see itself keeps its (unused) softmax row finite
+        m = m[None, :, :] & ((k[None, :, :] >= pad[:, None, None]) | (k == q)[None, :, :])
         return m[:, None, :, :]
 
     def _rope(self, layer, q, k, pos):
         be = self.be
         t0 = self.tr.start()
-        cos = be.asarray(self._cos[pos])[:, None, :, :]  # [B, 1, T, d]
-        sin = be.asarray(self._sin[pos])[:, None, :, :]
+        cos, sin = self._rope_tables  # [B, 1, T, d]
         half = q.shape[-1] // 2
 
         def rot(x):
