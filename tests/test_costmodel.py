@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perfmodel.costmodel.operators import (Precision, attended_pairs, expected_experts_touched, kv_cache_bytes,
-                                           phase_ops)
+from perfmodel.costmodel.operators import (ATTN_BLOCK, Precision, attended_pairs, blocked_scores,
+                                           expected_experts_touched, kv_cache_bytes, phase_ops)
 from perfmodel.costmodel.request import Workload, analyze
 from perfmodel.costmodel.roofline import op_timings, phase_summary
 from perfmodel.costmodel.sweep import sweep_arrays
@@ -66,10 +66,27 @@ def test_flash_attention_removes_score_traffic_exactly():
     flash = phase_ops(m, B, T, 0, flash=True)
     naive = phase_ops(m, B, T, 0, flash=False)
     b = lambda ops: sum(int(o.bytes) * o.layers for o in ops)  # noqa: E731
-    score_bytes = B * m.num_heads * T * T * 2
-    # QK^T writes the scores, softmax reads and writes them, attention*V reads them: 4 passes
-    assert b(naive) - b(flash) == 4 * score_bytes * m.num_layers
+    score_elems, key_reads = blocked_scores(0, T)
+    # the blocked causal kernel materialises about half the square (whole blocks on the diagonal)
+    assert T * (T + 1) // 2 <= score_elems < T * (T + 1) // 2 + T * ATTN_BLOCK
+    score_bytes = B * m.num_heads * score_elems * 2
+    kv_rereads = B * (key_reads - T) * 2 * m.num_kv_heads * m.head_dim * 2
+    # QK^T writes the scores, softmax reads and writes them, attention*V reads them: 4 passes; each query
+    # block also re-reads the K/V band it sees, where FlashAttention reads K/V once
+    assert b(naive) - b(flash) == (4 * score_bytes + kv_rereads) * m.num_layers
     assert _flops(naive) == _flops(flash)
+
+
+@pytest.mark.parametrize("past,new,window", [(0, 1, None), (0, 300, None), (17, 129, None), (0, 300, 100),
+                                             (50, 200, 64), (1000, 1, 64)])
+def test_blocked_scores_match_block_walk(past, new, window):
+    scores, keys = 0, 0
+    for r0 in range(0, new, ATTN_BLOCK):
+        r1 = min(new, r0 + ATTN_BLOCK)
+        lo = max(0, past + r0 - window + 1) if window else 0
+        scores += (r1 - r0) * (past + r1 - lo)
+        keys += past + r1 - lo
+    assert blocked_scores(past, new, window) == (scores, keys)
 
 
 def test_moe_reads_distinct_experts():

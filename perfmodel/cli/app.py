@@ -19,10 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _register() -> None:
     from perfmodel.cli import cost_commands  # noqa: F401  (registers commands)
-    try:
-        from perfmodel.cli import engine_commands  # noqa: F401
-    except ImportError:  # pragma: no cover - the engine commands are optional while they grow
-        pass
+    from perfmodel.cli import engine_commands, validation_commands  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

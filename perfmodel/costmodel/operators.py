@@ -8,8 +8,10 @@ Counting conventions (the reference engine counts the same way, from its real te
 - Per kept score: 2*d FLOPs for QK^T, 2*d_v for attention*V, 5 for the softmax (max, subtract, exp, sum, divide).
 - Elementwise FLOPs per element: RMSNorm 4, LayerNorm 7, RoPE 3, SiLU*mul 5, GELU 8, GELU*mul 9, residual add 1.
 - Bytes: every operator reads its inputs and writes its outputs once (no fusion except inside FlashAttention).
-  Without FlashAttention, QK^T writes the score matrix of all materialised keys, softmax reads and writes it,
-  attention*V reads it again. With FlashAttention the scores never leave on-chip memory.
+  Without FlashAttention the kernel walks the new queries in blocks of ATTN_BLOCK rows; each block reads the
+  keys and values it can see (causal, windowed) and writes its block of scores; softmax reads and writes the
+  scores, attention*V reads them again. With FlashAttention the scores never leave on-chip memory and K/V are
+  read once.
 - Prefill computes logits for the last token of each sequence only, as serving engines do.
 - Norm weights and biases are stored in the activation dtype; quantisation applies to matmul weights and
   embeddings (int formats with one fp16 scale per 128 elements, see dtypes).
@@ -101,6 +103,38 @@ def materialised_keys(past, new, window=None):
     return np.minimum(total, window + np.asarray(new) - 1)
 
 
+ATTN_BLOCK = 128  # query rows per block of the non-flash causal kernel
+
+
+def _block_bounds(past, new, window, j):
+    """Rows and keys of query block j of the blocked causal kernel (keys: the band the block can see)."""
+    r0 = j * ATTN_BLOCK
+    r1 = np.minimum(new, r0 + ATTN_BLOCK)
+    rows = np.maximum(r1 - r0, 0)
+    hi = past + r1
+    lo = 0 if window is None else np.maximum(0, past + r0 - window + 1)
+    return rows, np.where(rows > 0, hi - lo, 0)
+
+
+def blocked_scores(past, new, window=None):
+    """(score elements, key reads) per head of the non-flash kernel, which walks the new queries in blocks of
+    ATTN_BLOCK rows and, for each, materialises scores against only the keys that block can see."""
+    past, new = np.asarray(past), np.asarray(new)
+    if window is None:  # closed form: full blocks then the last, partial one
+        nb = -(-new // ATTN_BLOCK)
+        full = np.maximum(nb - 1, 0)
+        last_rows = new - full * ATTN_BLOCK
+        scores = ATTN_BLOCK * (full * past + ATTN_BLOCK * full * (full + 1) // 2) + last_rows * (past + new)
+        keys = full * past + ATTN_BLOCK * full * (full + 1) // 2 + (past + new)
+        return scores, keys
+    scores, keys = 0, 0
+    for j in range(int(-(-np.max(new) // ATTN_BLOCK))):
+        rows, k = _block_bounds(past, new, window, j)
+        scores = scores + rows * k
+        keys = keys + k
+    return scores, keys
+
+
 def cached_tokens(tokens, window=None):
     """Tokens a KV cache holds: all of them, or the last `window` under sliding-window attention."""
     return tokens if window is None else np.minimum(tokens, window)
@@ -181,7 +215,9 @@ class _Builder:
             setattr(op, kv_field, getattr(op, kv_field) + kv_bytes)
             self.ops.append(op)
             return
-        scores = batch * n_q * new * keys * a
+        score_elems, key_reads = blocked_scores(past, new, window)
+        scores = batch * n_q * score_elems * a
+        kv_bytes = batch * key_reads * kv_read_per_key  # each query block reads its band of K and V
         k_share = kv_bytes * d_qk // (d_qk + d_v) if not self.m.is_mla else kv_bytes
         v_share = kv_bytes - k_share if not self.m.is_mla else kv_bytes
         qk = Op("qk", "attention", layers, pairs * 2 * d_qk, act_read_bytes=q_bytes, act_write_bytes=scores,

@@ -39,16 +39,21 @@ def compute_roof(hw: HardwareSpec, kind: str, precision: Precision) -> float:
 
 def op_timing(op: Op, hw: HardwareSpec, precision: Precision) -> OpTiming:
     eff = hw.efficiency
-    c_eff = eff.compute
+    c_eff = eff.compute * eff.kind_compute.get(op.kind, 1.0)
     if op.kind in ("matmul", "attention") and eff.matmul_half_dim and op.min_dim is not None:
         d = np.asarray(op.min_dim, dtype=np.float64)
         c_eff = c_eff * d / (d + eff.matmul_half_dim)
     m_eff = eff.memory
     if op.kind in ("elementwise", "memory") and eff.elementwise_memory:
         m_eff = eff.elementwise_memory
+    m_eff = m_eff * eff.kind_memory.get(op.kind, 1.0)
+    if op.kind == "matmul" and eff.matmul_half_bytes:
+        b = np.asarray(op.bytes, dtype=np.float64)
+        m_eff = m_eff * b / (b + eff.matmul_half_bytes)
     compute_s = np.asarray(op.flops, dtype=np.float64) / (compute_roof(hw, op.kind, precision) * c_eff)
     memory_s = np.asarray(op.bytes, dtype=np.float64) / (hw.memory_bandwidth * m_eff)
-    overhead = (hw.launch_overhead_us + eff.op_overhead_us) * 1e-6
+    per_call = eff.op_overhead_map_us.get(op.name, eff.kind_overhead_us.get(op.kind, eff.op_overhead_us))
+    overhead = (hw.launch_overhead_us + per_call) * 1e-6
     return OpTiming(op, compute_s, memory_s, overhead)
 
 

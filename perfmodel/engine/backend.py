@@ -62,10 +62,12 @@ class NumpyBackend:
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
     def masked_softmax(self, s, mask):
-        s = np.where(mask, s, -np.inf)
-        s = s - s.max(axis=-1, keepdims=True)
-        e = np.exp(s)
-        return e / e.sum(axis=-1, keepdims=True)
+        """In place on the fresh score block: no extra full-size temporaries beyond the broadcast mask."""
+        np.copyto(s, -np.inf, where=~np.broadcast_to(mask, s.shape))
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        return s
 
     def softmax(self, s):
         s = s - s.max(axis=-1, keepdims=True)
@@ -160,7 +162,8 @@ class TorchBackend:
         return self.torch.cat(xs, dim=axis)
 
     def sdpa(self, q, k, v, mask, gqa: bool):
-        return self.torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                  enable_gqa=gqa, scale=1.0)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

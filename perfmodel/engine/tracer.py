@@ -45,6 +45,7 @@ class Tracer:
         return time.perf_counter()
 
     def record(self, t0: float, name: str, kind: str, layer: int, flops: int, **nbytes) -> None:
+        """t0 from start(); the duration is now - t0 (a caller summing sub-steps passes now - their total)."""
         if not self.enabled:
             return
         if self.timed and self.sync:

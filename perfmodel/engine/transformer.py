@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from perfmodel.costmodel.operators import FLOPS_PER_ELEMENT
+from perfmodel.costmodel.operators import ATTN_BLOCK, FLOPS_PER_ELEMENT
 from perfmodel.engine.tracer import Tracer
 from perfmodel.errors import PerfmodelError
 from perfmodel.specs.model import ModelSpec
@@ -97,6 +97,13 @@ class Transformer:
         if flash and backend.name != "torch":
             raise PerfmodelError("--flash: FlashAttention needs --backend torch (the numpy backend materialises scores)")
         self.spec, self.be, self.flash = spec, backend, flash
+        # fold attention's 1/sqrt(head_dim) into the query projection (RoPE is linear, so this is exact):
+        # the score kernel then needs no extra elementwise pass over Q
+        scale = 1.0 / math.sqrt(spec.head_dim)
+        weights = Weights(weights.tok_emb, [LayerWeights(**{**vars(lw), "q": lw.q * scale,
+                                                            "q_b": None if lw.q_b is None else lw.q_b * scale})
+                                            for lw in weights.layers],
+                          weights.final_norm, weights.final_norm_b, weights.lm_head, weights.pos_emb)
         self.w = weights.map(backend.asarray)
         self.tr = tracer or Tracer(enabled=False)
         self.tr.sync = backend.sync
@@ -229,29 +236,53 @@ class Transformer:
         kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
         mask = mask[..., first:]
         pairs = int(mask.sum()) * nq  # (query, key) pairs the mask keeps, over all heads and sequences
-        scale = 1.0 / math.sqrt(d)
         if self.flash:
             t0 = tr.start()
-            out = be.sdpa(q, kc, vc, be.torch.as_tensor(mask, device=be.device), nkv != nq)
+            out = be.sdpa(q, kc, vc, be.torch.as_tensor(mask, device=be.device), nkv != nq)  # q pre-scaled
             tr.record(t0, "attention", "attention", i, pairs * (4 * d + FLOPS_PER_ELEMENT["softmax"]),
                       act_read_bytes=self._nb(q), kv_read_bytes=self._nb(kc, vc), act_write_bytes=self._nb(out))
         else:
-            g = nq // nkv
-            qg = q.reshape(B, nkv, g, T, d)  # each KV head serves g query heads and is read once
-            t0 = tr.start()
-            scores = be.matmul(qg * scale, be.swap_last(kc)[:, :, None])
-            tr.record(t0, "qk", "attention", i, pairs * 2 * d, act_read_bytes=self._nb(q),
-                      kv_read_bytes=self._nb(kc), act_write_bytes=self._nb(scores))
-            t0 = tr.start()
-            probs = be.masked_softmax(scores, be_mask(be, mask[:, :, None]))
-            tr.record(t0, "softmax", "elementwise", i, pairs * FLOPS_PER_ELEMENT["softmax"],
-                      act_read_bytes=self._nb(scores), act_write_bytes=self._nb(probs))
-            t0 = tr.start()
-            out = be.matmul(probs, vc[:, :, None]).reshape(B, nq, T, d)
-            tr.record(t0, "av", "attention", i, pairs * 2 * d, act_read_bytes=self._nb(probs),
-                      kv_read_bytes=self._nb(vc), act_write_bytes=self._nb(out))
+            out = self._blocked_attention(i, q, kc, vc, mask, first, P, pairs)
         out = be.transpose(out, (0, 2, 1, 3)).reshape(B, T, nq * d)
         return self._linear("o_proj", i, out, lw.o, lw.o_b)
+
+    def _blocked_attention(self, i, q, kc, vc, mask, first, P, pairs):
+        """Causal attention with the scores materialised, a block of ATTN_BLOCK query rows at a time: each
+        block sees only keys up to its last row (and within the window), so the upper triangle is skipped."""
+        be, s, tr = self.be, self.spec, self.tr
+        B, nq, T, d = q.shape
+        nkv = kc.shape[1]
+        g = nq // nkv
+        qg = q.reshape(B, nkv, g, T, d)  # each KV head serves g query heads and is read once per block
+        t_qk = t_sm = t_av = 0.0
+        n_read_q = n_read_k = n_read_v = n_scores = 0
+        outs = []
+        for r0 in range(0, T, ATTN_BLOCK):
+            r1 = min(T, r0 + ATTN_BLOCK)
+            lo = max(0, P + r0 - s.sliding_window + 1) - first if s.sliding_window else 0
+            hi = P + r1 - first
+            qb, kb, vb = qg[:, :, :, r0:r1], kc[:, :, lo:hi], vc[:, :, lo:hi]
+            t0 = tr.start()
+            scores = be.matmul(qb, be.swap_last(kb)[:, :, None])
+            t1 = tr.start()
+            probs = be.masked_softmax(scores, be_mask(be, mask[:, :, None, r0:r1, lo:hi]))
+            t2 = tr.start()
+            outs.append(be.matmul(probs, vb[:, :, None]))
+            t3 = tr.start()
+            t_qk, t_sm, t_av = t_qk + t1 - t0, t_sm + t2 - t1, t_av + t3 - t2
+            n_read_q += self._nb(qb)
+            n_read_k += self._nb(kb)
+            n_read_v += self._nb(vb)
+            n_scores += self._nb(scores)
+        out = outs[0] if len(outs) == 1 else be.concat(outs, 3)
+        now = tr.start()
+        tr.record(now - t_qk, "qk", "attention", i, pairs * 2 * d, act_read_bytes=n_read_q, kv_read_bytes=n_read_k,
+                  act_write_bytes=n_scores)
+        tr.record(now - t_sm, "softmax", "elementwise", i, pairs * FLOPS_PER_ELEMENT["softmax"],
+                  act_read_bytes=n_scores, act_write_bytes=n_scores)
+        tr.record(now - t_av, "av", "attention", i, pairs * 2 * d, act_read_bytes=n_scores, kv_read_bytes=n_read_v,
+                  act_write_bytes=self._nb(out))
+        return out.reshape(B, nq, T, d)
 
     def _mlp(self, i, lw, h, prefix=""):
         be, tr = self.be, self.tr

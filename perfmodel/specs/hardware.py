@@ -21,10 +21,21 @@ class Efficiency:
     # Matmuls whose smallest dimension is d reach compute * d / (d + matmul_half_dim) of peak:
     # small matrices cannot fill the machine. 0 turns the penalty off.
     matmul_half_dim: float = 0.0
+    # Matmuls moving b bytes stream at memory * b / (b + matmul_half_bytes): small ones cannot keep every core's
+    # prefetchers busy. 0 turns it off.
+    matmul_half_bytes: float = 0.0
     # Fixed cost per operator launch, beyond the hardware's launch_overhead (engine dispatch, Python).
     op_overhead_us: float = 0.0
     # Bandwidth reached by elementwise ops, which stream less efficiently than large reads (fraction of memory).
     elementwise_memory: float | None = None
+    # Per operator kind (matmul, attention, elementwise, memory): dispatch cost of one call, overriding
+    # op_overhead_us. Calibration measures it for each engine backend.
+    kind_overhead_us: dict = field(default_factory=dict)
+    # Per operator name (q_proj, softmax, ...): dispatch cost of one call, the most specific figure.
+    op_overhead_map_us: dict = field(default_factory=dict)
+    # Per operator kind: multipliers on the compute and memory efficiency (fitted by calibration; 1 if absent).
+    kind_compute: dict = field(default_factory=dict)
+    kind_memory: dict = field(default_factory=dict)
 
     def scaled(self, compute: float, memory: float) -> "Efficiency":
         return dataclasses.replace(self, compute=compute, memory=memory)
@@ -57,7 +68,19 @@ class HardwareSpec:
     price_per_hour_usd: float | None = None
     sources: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)  # per engine backend: overrides of peaks and efficiency
     path: str = ""
+
+    def for_engine(self, engine: str) -> "HardwareSpec":
+        """The machine as one engine backend sees it (calibrated peaks and overheads), if profiled."""
+        prof = self.engines.get(engine)
+        if not prof:
+            return self
+        where = f"{self.name}: engines.{engine}"
+        peaks = {**self.peak_tflops, **{str(k): float(v) for k, v in (prof.get("peak_tflops") or {}).items()}}
+        return dataclasses.replace(self, peak_tflops=peaks,
+                                   vector_tflops=float(prof.get("vector_tflops", self.vector_tflops)),
+                                   efficiency=_eff(prof.get("efficiency"), self.efficiency, where))
 
     def peak_flops(self, dtype: str) -> float:
         try:
@@ -108,7 +131,10 @@ def _eff(d: dict | None, base: Efficiency, where: str) -> Efficiency:
         raise PerfmodelError(f"{where}: unknown efficiency field {bad[0]!r}; allowed: {', '.join(sorted(allowed))}")
     vals = {k: v for k, v in d.items() if k in allowed}
     for k, v in vals.items():
-        if v is not None and (not isinstance(v, (int, float)) or v < 0):
+        if k in ("kind_overhead_us", "kind_compute", "kind_memory", "op_overhead_map_us"):
+            if not isinstance(v, dict) or any(not isinstance(x, (int, float)) or x < 0 for x in v.values()):
+                raise bad_value(f"{where}: efficiency.{k}", v, "a mapping of operator kind to a number >= 0")
+        elif v is not None and (not isinstance(v, (int, float)) or v < 0):
             raise bad_value(f"{where}: efficiency.{k}", v, "a non-negative number")
     for k in ("compute", "memory"):
         if k in vals and not 0 < vals[k] <= 1:
@@ -134,7 +160,7 @@ def hardware_from_dict(d: dict, where: str = "hardware") -> HardwareSpec:
             optimistic=_eff((d.get("efficiency") or {}).get("optimistic"), eff, where),
             pessimistic=_eff((d.get("efficiency") or {}).get("pessimistic"), eff, where),
             power_w=d.get("power_w"), price_per_hour_usd=d.get("price_per_hour_usd"),
-            sources=d.get("sources") or {}, provenance=d.get("provenance") or {},
+            sources=d.get("sources") or {}, provenance=d.get("provenance") or {}, engines=d.get("engines") or {},
         )
     except KeyError as e:
         raise PerfmodelError(f"{where}: missing field {e.args[0]!r}") from None

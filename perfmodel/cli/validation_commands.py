@@ -1,0 +1,181 @@
+"""Commands that measure: calibrate (this machine -> hardware YAML) and validate (engine vs cost model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from perfmodel.cli.app import app
+from perfmodel.cli.options import name_list
+from perfmodel.errors import PerfmodelError, bad_value
+from perfmodel.output import check_format, console, emit, print_table, rows_to_csv, seconds
+
+
+@app.command()
+def calibrate(
+    name: str = typer.Option(None, help="machine name (default: the host name); writes hardware/local-<name>.yaml"),
+    out_dir: Path = typer.Option(Path("hardware"), help="folder for the YAML"),
+    backends: str = typer.Option("numpy,torch", help="engine backends to profile"),
+    quick: bool = typer.Option(False, help="fewer matmul shapes"),
+    fit_engine: bool = typer.Option(True, "--fit-engine/--no-fit-engine",
+                                    help="fit per-operator-kind efficiencies from the engine's own operators"),
+    format: str = typer.Option("table", "--format", help="table | json | csv"),
+) -> None:
+    """Measure this machine (matmul FLOP/s by shape, bandwidth, caches, dispatch overheads) into a hardware YAML."""
+    from rich.progress import Progress
+
+    from perfmodel.validation.calibrate import calibrate as run
+
+    check_format(format)
+    bes = tuple(name_list(backends))
+    for b in bes:
+        if b not in ("numpy", "torch"):
+            raise bad_value("--backends", b, "numpy,torch")
+    with Progress(transient=True, disable=format != "table") as prog:
+        task = prog.add_task("calibrating", total=None)
+        path, d = run(out_dir, name, bes, progress=lambda s: prog.update(task, description=f"calibrating: {s}"),
+                      quick=quick, fit_engine=fit_engine)
+    summary = {"path": str(path), "name": d["name"], "description": d["description"],
+               "peak_tflops": d["peak_tflops"], "bandwidth_gbps": d["memory"]["bandwidth_gbps"],
+               "efficiency": d["efficiency"], "engines": d["engines"]}
+    if emit(format, summary, [{"name": d["name"], "path": str(path), **{f"{k}_tflops": v for k, v in
+                                                                      d["peak_tflops"].items()},
+                               "bandwidth_gbps": d["memory"]["bandwidth_gbps"]}]):
+        return
+    c = console()
+    c.print(f"wrote [bold]{path}[/bold]: {d['description']}")
+    c.print(f"peaks (TFLOP/s): {d['peak_tflops']}; read bandwidth {d['memory']['bandwidth_gbps']} GB/s; "
+            f"matmul half-efficiency dimension {d['efficiency']['matmul_half_dim']}")
+    for be, prof in d["engines"].items():
+        c.print(f"  {be}: overhead µs {prof['efficiency'].get('kind_overhead_us')}")
+
+
+@app.command()
+def validate(
+    hardware: str = typer.Option(None, help="calibrated hardware YAML or name (default: the newest "
+                                            "hardware/local-*.yaml)"),
+    grid: str = typer.Option("quick", help="tiny | quick | standard"),
+    backend: str = typer.Option(None, help="only cases of this backend"),
+    repeats: int = typer.Option(3, help="timed repeats per point (after one warm-up)"),
+    measurements: Path = typer.Option(None, help="validate measurements of another engine instead (CSV, "
+                                                 "llama-bench table, vLLM JSON)"),
+    model: str = typer.Option(None, help="with --measurements: model when the file does not say"),
+    batch: int = typer.Option(None), input: int = typer.Option(None, "--input"), output: int = typer.Option(None),
+    fit: bool = typer.Option(False, "--fit", help="with --measurements: fit compute and memory efficiency"),
+    out_dir: Path = typer.Option(None, help="report folder (default: reports/validation-<machine>)"),
+    format: str = typer.Option("table", "--format", help="table | json | csv"),
+) -> None:
+    """Hold the cost model against the reference engine: exact counts (non-zero exit on any difference) and
+    predicted vs measured time per operator and phase, with a CSV and plots under reports/."""
+    from perfmodel.specs import load_hardware
+
+    check_format(format)
+    if measurements is not None:
+        _validate_measurements(measurements, hardware, model, batch, input, output, fit, format)
+        return
+    from rich.progress import Progress
+
+    from perfmodel.validation import plots
+    from perfmodel.validation.validate import GRIDS, error_summary, run_case
+
+    if grid not in GRIDS:
+        raise bad_value("--grid", grid, "|".join(GRIDS))
+    if repeats < 1:
+        raise bad_value("--repeats", repeats, "an integer >= 1")
+    hw = load_hardware(hardware) if hardware else _newest_local()
+    cases = [c for c in GRIDS[grid] if backend is None or c.backend == backend]
+    if backend is not None and backend not in ("numpy", "torch"):
+        raise bad_value("--backend", backend, "numpy|torch")
+    op_rows, phase_rows, mismatches = [], [], []
+    loaded: dict = {}
+    with Progress(transient=True, disable=format != "table") as prog:
+        task = prog.add_task("validating", total=sum(1 + len(c.decode_contexts) for c in cases))
+        for case in cases:
+            prog.update(task, description=f"validating {case.label}")
+            r = run_case(case, hw, repeats, loaded, progress=lambda: prog.advance(task))
+            op_rows += r.op_rows
+            phase_rows += r.phase_rows
+            mismatches += r.mismatches
+    import pandas as pd
+
+    out = out_dir or Path("reports") / f"validation-{hw.name}"
+    from perfmodel.output import atomic_write
+
+    atomic_write(out / "operators.csv", lambda p: pd.DataFrame(op_rows).to_csv(p, index=False))
+    atomic_write(out / "phases.csv", lambda p: pd.DataFrame(phase_rows).to_csv(p, index=False))
+    by_phase = error_summary(phase_rows, "phase")
+    by_kind = error_summary(op_rows, "kind")
+    by_op = error_summary(op_rows, "op")
+    title = f"cost model vs reference engine on {hw.name} ({grid} grid)"
+    plots.scatter(op_rows, phase_rows, out / "predicted_vs_measured.png", title)
+    plots.error_by_operator(by_op, out / "error_by_operator.png", "time error by operator")
+    plots.roofline(hw.for_engine(cases[0].backend), op_rows, out / "roofline_measured.png",
+                   f"engine operators on {hw.name}: measured vs predicted")
+    result = {"hardware": hw.name, "grid": grid, "cases": len(cases), "count_mismatches": mismatches,
+              "phase_error": by_phase, "kind_error": by_kind, "operator_error": by_op, "report": str(out)}
+    if format == "json":
+        emit("json", result)
+    elif format == "csv":
+        print(rows_to_csv(phase_rows), end="")
+    else:
+        pct = lambda v: f"{v:.1f} %"  # noqa: E731
+        cols = lambda k: {k: (k, str), "n": ("n", str), "median_ape_pct": ("median |err|", pct),  # noqa: E731
+                          "p90_ape_pct": ("p90", pct), "max_ape_pct": ("max", pct)}
+        print_table(phase_rows, title=title, columns={
+            "case": ("case", str), "phase": ("phase", str), "context": ("context", str),
+            "measured_s": ("measured", seconds), "predicted_s": ("predicted", seconds)})
+        print_table(by_phase, title="time error per phase", columns=cols("phase"))
+        print_table(by_kind, title="time error per operator kind", columns=cols("kind"))
+        c = console()
+        if mismatches:
+            c.print(f"[red]{len(mismatches)} count mismatches[/red] (FLOPs/bytes must be equal exactly):")
+            for m in mismatches[:20]:
+                c.print("  " + m)
+        else:
+            c.print(f"[green]counts: engine FLOPs, bytes and KV bytes equal the cost model exactly[/green] "
+                    f"({len(op_rows)} operator points)")
+        c.print(f"report: {out}/ (operators.csv, phases.csv, predicted_vs_measured.png, error_by_operator.png, "
+                f"roofline_measured.png)")
+    if mismatches:
+        raise typer.Exit(1)
+
+
+def _newest_local():
+    from perfmodel.specs.hardware import hardware_dirs, load_hardware_file
+
+    found = sorted((p for d in hardware_dirs() for p in d.glob("local-*.yaml")), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise PerfmodelError("--hardware: no calibrated machine found; run `perfmodel calibrate` first or pass "
+                             "--hardware NAME")
+    return load_hardware_file(found[-1])
+
+
+def _validate_measurements(path, hardware, model, batch, input, output, fit, format):
+    from perfmodel.specs import load_hardware
+    from perfmodel.validation.measurements import errors, fit_efficiency, predict, read_measurements
+
+    df = read_measurements(path, {"model": model, "hardware": hardware, "batch": batch, "input": input,
+                                  "output": output})
+    pred = predict(df)
+    before = errors(pred)
+    result = {"rows": len(df), "error": before}
+    if fit:
+        hws = df["hardware"].unique()
+        if len(hws) != 1:
+            raise PerfmodelError("--fit: the measurements must come from one hardware")
+        fitted, _ = fit_efficiency(df, load_hardware(hws[0]))
+        after = errors(predict(df, fitted))
+        result.update(fitted={"compute": fitted.efficiency.compute, "memory": fitted.efficiency.memory},
+                      error_after_fit=after)
+    if emit(format, result, pred.to_dict(orient="records")):
+        return
+    pct = lambda v: f"{v:.1f} %"  # noqa: E731
+    cols = {"metric": ("metric", str), "n": ("n", str), "median_ape_pct": ("median |err|", pct),
+            "p90_ape_pct": ("p90", pct), "max_ape_pct": ("max", pct)}
+    print_table(before, title=f"{path.name}: {len(df)} measured runs, predicted with the library hardware",
+                columns=cols)
+    if fit:
+        console().print(f"fitted efficiency: compute {result['fitted']['compute']:.3f}, memory "
+                        f"{result['fitted']['memory']:.3f}")
+        print_table(result["error_after_fit"], title="after the fit", columns=cols)
