@@ -1,0 +1,110 @@
+"""Multi-device execution: tensor, pipeline, expert and data parallelism, with their communication costs.
+
+Tensor parallel over p devices splits every projection, attention head and expert matrix p ways (weights,
+FLOPs and KV cache divided by p) and adds two all-reduces of the hidden state per layer, costed as a ring:
+2(p-1)/p * bytes / link bandwidth + latency. Pipeline parallel puts num_layers/s layers on each of s stages:
+a request crosses s-1 stage boundaries (a point-to-point send of its hidden state each), and with m micro-batches
+in flight a forward pass wastes the bubble (s-1)/(m+s-1). Expert parallel spreads MoE experts over e devices with
+two all-to-alls per MoE layer (dispatch and combine). Data-parallel replicas multiply throughput and cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from perfmodel.costmodel.operators import Op, Precision
+from perfmodel.errors import PerfmodelError
+from perfmodel.specs.hardware import HardwareSpec
+from perfmodel.specs.model import ModelSpec
+
+# operators whose weights, FLOPs and activations are split by tensor parallelism (heads or matrix columns/rows)
+TP_SPLIT = {"q_proj", "k_proj", "v_proj", "o_proj", "rope", "kv_write", "attention", "qk", "softmax", "av",
+            "gate_proj", "up_proj", "act_mul", "act", "down_proj", "lm_head", "expert_gate", "expert_up",
+            "expert_act_mul", "expert_down", "shared_gate_proj", "shared_up_proj", "shared_act_mul",
+            "shared_down_proj", "q_a_proj", "q_b_proj", "kv_b_proj", "q_absorb", "out_absorb"}
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+    microbatches: int = 1
+
+    def __post_init__(self) -> None:
+        for f in ("tp", "pp", "ep", "dp", "microbatches"):
+            if getattr(self, f) < 1:
+                raise PerfmodelError(f"{f}: {getattr(self, f)} is not valid; allowed: an integer >= 1")
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp * self.dp * (self.ep if self.ep > self.tp else 1)
+
+    def check(self, model: ModelSpec) -> None:
+        if model.num_kv_heads % self.tp and self.tp % model.num_kv_heads:
+            raise PerfmodelError(f"tp: {self.tp} does not divide {model.name}'s {model.num_kv_heads} KV heads")
+        if self.pp > model.num_layers:
+            raise PerfmodelError(f"pp: {self.pp} exceeds {model.name}'s {model.num_layers} layers")
+        if self.ep > 1 and not model.is_moe:
+            raise PerfmodelError(f"ep: {model.name} has no experts")
+
+
+def ring_allreduce_s(nbytes, p: int, hw: HardwareSpec):
+    """Time of a ring all-reduce of nbytes over p devices."""
+    if p <= 1:
+        return np.zeros_like(np.asarray(nbytes, dtype=np.float64))
+    link = _link(hw)
+    return 2 * (p - 1) / p * np.asarray(nbytes, dtype=np.float64) / (link.bandwidth_gbps * 1e9) + link.latency_us * 1e-6
+
+
+def all_to_all_s(nbytes, p: int, hw: HardwareSpec):
+    """Each device sends (p-1)/p of its nbytes to the others."""
+    if p <= 1:
+        return np.zeros_like(np.asarray(nbytes, dtype=np.float64))
+    link = _link(hw)
+    return (p - 1) / p * np.asarray(nbytes, dtype=np.float64) / (link.bandwidth_gbps * 1e9) + link.latency_us * 1e-6
+
+
+def _link(hw: HardwareSpec):
+    if hw.interconnect is None:
+        raise PerfmodelError(f"hardware {hw.name}: no interconnect; multi-device plans need one "
+                             "(interconnect.bandwidth_gbps and latency_us in its YAML)")
+    return hw.interconnect
+
+
+def split_ops(ops: list[Op], par: Parallelism, model: ModelSpec) -> list[Op]:
+    """Per-device operators: TP-split operators divided by tp; expert weights divided across ep."""
+    out = []
+    for op in ops:
+        div = par.tp if op.name in TP_SPLIT else 1
+        wdiv = div
+        if op.name.startswith("expert_") and par.ep > 1:
+            wdiv = max(div, par.ep)
+        out.append(Op(op.name, op.kind, op.layers, op.flops / div if div > 1 else op.flops,
+                      weight_bytes=op.weight_bytes / wdiv if wdiv > 1 else op.weight_bytes,
+                      act_read_bytes=op.act_read_bytes / div if div > 1 else op.act_read_bytes,
+                      kv_read_bytes=op.kv_read_bytes / div if div > 1 else op.kv_read_bytes,
+                      act_write_bytes=op.act_write_bytes / div if div > 1 else op.act_write_bytes,
+                      kv_write_bytes=op.kv_write_bytes / div if div > 1 else op.kv_write_bytes,
+                      min_dim=op.min_dim, group=op.group))
+    return out
+
+
+def comm_seconds(model: ModelSpec, par: Parallelism, hw: HardwareSpec, tokens, precision: Precision) -> dict:
+    """Communication per forward pass of `tokens` tokens (per device, not overlapped with compute)."""
+    a = precision.act_bytes
+    hidden_bytes = np.asarray(tokens, dtype=np.float64) * model.hidden_size * a
+    out = {"tp_allreduce": 2 * model.num_layers * ring_allreduce_s(hidden_bytes, par.tp, hw)}
+    out["pp_send"] = (par.pp - 1) * (hidden_bytes / (_link(hw).bandwidth_gbps * 1e9) + _link(hw).latency_us * 1e-6) \
+        if par.pp > 1 else np.zeros_like(hidden_bytes)
+    if model.is_moe and par.ep > 1:
+        routed = hidden_bytes * model.experts_per_token
+        out["ep_all_to_all"] = 2 * model.moe_layers * all_to_all_s(routed, par.ep, hw)
+    return out
+
+
+def pipeline_bubble(par: Parallelism) -> float:
+    return (par.pp - 1) / (par.microbatches + par.pp - 1)

@@ -1,0 +1,43 @@
+"""Speculative decoding: a draft model proposes gamma tokens, the target verifies them in one pass.
+
+With per-token acceptance rate alpha, a target step yields (1 - alpha^(gamma+1)) / (1 - alpha) tokens on
+average (Leviathan et al. 2023). A step costs gamma draft decode steps plus one target forward over gamma+1
+tokens, both from the cost model at the same context.
+"""
+
+from __future__ import annotations
+
+from perfmodel.costmodel.operators import Precision, phase_ops
+from perfmodel.costmodel.roofline import op_timings, phase_summary
+from perfmodel.errors import PerfmodelError
+from perfmodel.specs.hardware import HardwareSpec
+from perfmodel.specs.model import ModelSpec
+
+
+def expected_tokens_per_step(alpha: float, gamma: int) -> float:
+    if not 0 <= alpha <= 1:
+        raise PerfmodelError(f"--alpha: {alpha} is not valid; allowed: 0 <= alpha <= 1")
+    if gamma < 1:
+        raise PerfmodelError(f"--gamma: {gamma} is not valid; allowed: an integer >= 1")
+    if alpha == 1:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def _forward_s(model, hw, batch, new, past, p):
+    return float(phase_summary(op_timings(phase_ops(model, batch, new, past, p, phase="decode" if new == 1
+                                                    else "prefill"), hw, p))["time_s"])
+
+
+def speculative(target: ModelSpec, draft: ModelSpec, hw: HardwareSpec, alpha: float, gamma: int,
+                context: int = 1024, batch: int = 1, precision: Precision | None = None) -> dict:
+    p = precision or Precision()
+    tokens = expected_tokens_per_step(alpha, gamma)
+    t_target = _forward_s(target, hw, batch, 1, context - 1, p)
+    t_draft = _forward_s(draft, hw, batch, 1, context - 1, p)
+    t_verify = _forward_s(target, hw, batch, gamma + 1, context - 1, p)
+    step = gamma * t_draft + t_verify
+    return {"target": target.name, "draft": draft.name, "alpha": alpha, "gamma": gamma, "context": context,
+            "batch": batch, "tokens_per_target_step": tokens, "target_decode_step_s": t_target,
+            "draft_step_s": t_draft, "verify_step_s": t_verify, "speculative_step_s": step,
+            "tpot_s": step / tokens, "baseline_tpot_s": t_target, "speedup": t_target * tokens / step}
