@@ -85,9 +85,12 @@ class Op:
         return self.read_bytes + self.write_bytes
 
 
-def attended_pairs(past, new, window=None):
-    """Causal (query, key) pairs: sum over the new tokens' positions p of min(p+1, window)."""
+def attended_pairs(past, new, window=None, causal: bool = True):
+    """Causal (query, key) pairs: sum over the new tokens' positions p of min(p+1, window).
+    Bidirectional (encoder) attention keeps every pair."""
     past, new = np.asarray(past), np.asarray(new)
+    if not causal:
+        return new * (past + new)
     if window is None:
         return new * past + new * (new + 1) // 2
     first = past + 1  # key count of the first new query before the window caps it
@@ -116,10 +119,12 @@ def _block_bounds(past, new, window, j):
     return rows, np.where(rows > 0, hi - lo, 0)
 
 
-def blocked_scores(past, new, window=None):
+def blocked_scores(past, new, window=None, causal: bool = True):
     """(score elements, key reads) per head of the non-flash kernel, which walks the new queries in blocks of
     ATTN_BLOCK rows and, for each, materialises scores against only the keys that block can see."""
     past, new = np.asarray(past), np.asarray(new)
+    if not causal:
+        return new * (past + new), -(-new // ATTN_BLOCK) * (past + new)
     if window is None:  # closed form: full blocks then the last, partial one
         nb = -(-new // ATTN_BLOCK)
         full = np.maximum(nb - 1, 0)
@@ -199,45 +204,49 @@ class _Builder:
                          group=group)
 
     def attention(self, layers, batch, new, past, n_q, n_kv, d_qk, d_v, kv_read_per_key, flash, window,
-                  kv_is_cache=True):
+                  kv_is_cache=True, causal=True, prefix=""):
         """Score, softmax and weighted sum over the cache; kv_read_per_key: bytes of K and V per key per sequence."""
         a = self.a
-        pairs = batch * attended_pairs(past, new, window) * n_q
-        keys = materialised_keys(past, new, window)
+        pairs = batch * attended_pairs(past, new, window, causal) * n_q
+        keys = materialised_keys(past, new, window) if causal else np.asarray(past) + np.asarray(new)
         q_bytes = batch * new * n_q * d_qk * a
         kv_bytes = batch * keys * kv_read_per_key
         out_bytes = batch * new * n_q * d_v * a
         kv_field = "kv_read_bytes" if kv_is_cache else "act_read_bytes"
         if flash:
             flops = pairs * (2 * d_qk + 2 * d_v + FLOPS_PER_ELEMENT["softmax"])
-            op = Op("attention", "attention", layers, flops, act_read_bytes=q_bytes, act_write_bytes=out_bytes,
-                    min_dim=np.minimum(new, d_qk))
+            op = Op(f"{prefix}attention", "attention", layers, flops, act_read_bytes=q_bytes,
+                    act_write_bytes=out_bytes, min_dim=np.minimum(new, d_qk))
             setattr(op, kv_field, getattr(op, kv_field) + kv_bytes)
             self.ops.append(op)
             return
-        score_elems, key_reads = blocked_scores(past, new, window)
+        score_elems, key_reads = blocked_scores(past, new, window, causal)
         scores = batch * n_q * score_elems * a
         kv_bytes = batch * key_reads * kv_read_per_key  # each query block reads its band of K and V
         k_share = kv_bytes * d_qk // (d_qk + d_v) if not self.m.is_mla else kv_bytes
         v_share = kv_bytes - k_share if not self.m.is_mla else kv_bytes
-        qk = Op("qk", "attention", layers, pairs * 2 * d_qk, act_read_bytes=q_bytes, act_write_bytes=scores,
+        qk = Op(f"{prefix}qk", "attention", layers, pairs * 2 * d_qk, act_read_bytes=q_bytes, act_write_bytes=scores,
                 min_dim=np.minimum(new, d_qk))
-        av = Op("av", "attention", layers, pairs * 2 * d_v, act_read_bytes=scores, act_write_bytes=out_bytes,
+        av = Op(f"{prefix}av", "attention", layers, pairs * 2 * d_v, act_read_bytes=scores, act_write_bytes=out_bytes,
                 min_dim=np.minimum(new, d_v))
         setattr(qk, kv_field, getattr(qk, kv_field) + k_share)
         setattr(av, kv_field, getattr(av, kv_field) + v_share)
-        sm = Op("softmax", "elementwise", layers, pairs * FLOPS_PER_ELEMENT["softmax"], act_read_bytes=scores,
+        sm = Op(f"{prefix}softmax", "elementwise", layers, pairs * FLOPS_PER_ELEMENT["softmax"], act_read_bytes=scores,
                 act_write_bytes=scores)
         self.ops += [qk, sm, av]
 
 
 def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Precision | None = None,
               flash: bool = True, experts_touched=None, all_logits: bool = False, phase: str | None = None,
-              include_sampling: bool = True) -> list[Op]:
+              include_sampling: bool = True, causal: bool = True, head: bool = True, cache: bool = True,
+              cross_tokens=None) -> list[Op]:
     """Operators of one forward pass: `new_tokens` per sequence after `past_tokens` already cached.
 
     Prefill is new_tokens=input, past_tokens=0; a decode step is new_tokens=1, past_tokens=context-1.
     `phase` selects MLA's form (naive for prefill, weight-absorbed for decode); by default decode iff new_tokens==1.
+    An encoder pass is causal=False, head=False, cache=False. A T5-style decoder passes cross_tokens (the encoder
+    output length): each layer adds cross-attention over a cross K/V cache, projected from the encoder output in
+    the decoder's first step (phase prefill).
     """
     p = precision or Precision()
     m = model
@@ -272,11 +281,15 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
         b.matmul("v_proj", L, N, h, nkv * d, bias=bias)
         if m.positions == "rope":
             b.elementwise("rope", L, N * (nq + nkv) * d, FLOPS_PER_ELEMENT["rope"], extra_read=2 * N * d * a)
-        b.ops.append(Op("kv_write", "memory", L, 0, act_read_bytes=N * 2 * nkv * d * a,
-                        kv_write_bytes=N * kv_tok))
-        b.attention(L, B, T, P, nq, nkv, d, d, kv_tok, flash, W)
+        if cache:
+            b.ops.append(Op("kv_write", "memory", L, 0, act_read_bytes=N * 2 * nkv * d * a,
+                            kv_write_bytes=N * kv_tok))
+        b.attention(L, B, T, P, nq, nkv, d, d, kv_tok if cache else 2 * nkv * d * a, flash, W,
+                    kv_is_cache=cache, causal=causal)
         b.matmul("o_proj", L, N, nq * d, h, bias=m.linear_bias)
     b.elementwise("attn_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
+    if cross_tokens is not None:
+        _cross_attention(b, L, B, N, np.asarray(cross_tokens), flash, phase)
     b.norm("mlp_norm", L, N, h)
     if m.dense_layers:
         _dense_mlp(b, m.dense_layers, N, m.intermediate_size, "")
@@ -284,6 +297,9 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
         _moe(b, m.moe_layers, N, experts_touched)
     b.elementwise("mlp_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
 
+    if not head:  # an encoder's output is its last hidden state
+        b.norm("final_norm", 1, N, h, group="head")
+        return b.ops
     n_logits = N if all_logits else B
     b.norm("final_norm", 1, n_logits, h, group="head")
     b.matmul("lm_head", 1, n_logits, h, m.vocab_size, group="head")
@@ -292,6 +308,25 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
                         act_read_bytes=n_logits * m.vocab_size * a, act_write_bytes=n_logits * INDEX_BYTES,
                         group="head"))
     return b.ops
+
+
+def _cross_attention(b: _Builder, L, B, N, enc, flash, phase):
+    """T5 decoder cross-attention: queries from the decoder, keys/values from the encoder output, cached once."""
+    m, h, a = b.m, b.m.hidden_size, b.a
+    nq, nkv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    kv_tok = kv_bytes_per_token_layer(m, b.p.kv_cache)
+    b.norm("cross_norm", L, N, h)
+    if phase == "prefill":  # project the encoder output into the cross K/V cache once per request
+        b.matmul("cross_k_proj", L, B * enc, h, nkv * d)
+        b.matmul("cross_v_proj", L, B * enc, h, nkv * d)
+        b.ops.append(Op("cross_kv_write", "memory", L, 0, act_read_bytes=B * enc * 2 * nkv * d * a,
+                        kv_write_bytes=B * enc * kv_tok))
+    b.matmul("cross_q_proj", L, N, h, nq * d)
+    # every decoder query sees every encoder position: non-causal over enc keys, no new keys of its own
+    b.attention(L, B, N // np.maximum(B, 1), enc - N // np.maximum(B, 1), nq, nkv, d, d, kv_tok, flash, None,
+                causal=False, prefix="cross_")
+    b.matmul("cross_o_proj", L, N, nq * d, h)
+    b.elementwise("cross_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
 
 
 def _dense_mlp(b: _Builder, layers, N, ffn, prefix):

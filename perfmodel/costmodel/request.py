@@ -78,6 +78,9 @@ class Analysis:
         decode_s = float(steps.sum())
         e2e = ttft + decode_s
         tpot = decode_s / len(steps) if len(steps) else 0.0
+        if self.model.architecture == "encoder":  # throughput in input tokens encoded per second
+            return {"ttft_s": ttft, "tpot_s": 0.0, "tpot_first_s": 0.0, "tpot_last_s": 0.0, "e2e_s": ttft,
+                    "tokens_per_s": w.batch * w.input_tokens / ttft, "decode_tokens_per_s": 0.0}
         return {"ttft_s": ttft, "tpot_s": tpot,
                 "tpot_first_s": float(steps[0]) if len(steps) else 0.0,
                 "tpot_last_s": float(steps[-1]) if len(steps) else 0.0,
@@ -88,7 +91,13 @@ class Analysis:
     def memory(self) -> dict:
         m, w, p = self.model, self.workload, self.precision
         weights = weight_memory_bytes(m, p)
-        kv = int(kv_cache_bytes(m, w.input_tokens + w.output_tokens, w.batch, p.kv_cache))
+        if m.architecture == "encoder":
+            kv = 0
+        elif m.architecture == "encoder-decoder":  # self-attention over outputs + cross K/V over the input
+            kv = int(kv_cache_bytes(m, w.output_tokens, w.batch, p.kv_cache)
+                     + kv_cache_bytes(m, w.input_tokens, w.batch, p.kv_cache))
+        else:
+            kv = int(kv_cache_bytes(m, w.input_tokens + w.output_tokens, w.batch, p.kv_cache))
         act = activation_peak_bytes(self.prefill)
         total = weights + kv + act
         cap = self.hardware.memory_capacity
@@ -135,11 +144,36 @@ def activation_peak_bytes(timings: list[OpTiming]) -> int:
     return int(max(np.max(np.asarray(t.op.act_read_bytes + t.op.act_write_bytes)) for t in timings))
 
 
+def encoder_ops(model: ModelSpec, batch, tokens, precision: Precision, flash: bool):
+    """One bidirectional pass over `tokens` (BERT, or a T5 encoder stack): no KV cache, no LM head."""
+    layers = model.num_encoder_layers if model.architecture == "encoder-decoder" else model.num_layers
+    enc = model.replace(architecture="decoder", num_layers=layers)
+    ops = phase_ops(enc, batch, tokens, 0, precision, flash, phase="prefill", causal=False, head=False, cache=False)
+    if model.architecture == "encoder-decoder":
+        for o in ops:
+            o.name = f"encoder.{o.name}"
+    return ops
+
+
 def analyze(model: ModelSpec, hardware: HardwareSpec, workload: Workload, precision: Precision | None = None,
             flash: bool = True) -> Analysis:
+    """Prefill (encoder pass, or encoder + first decoder step), then every decode step."""
     p = precision or Precision()
     w = workload
-    prefill = op_timings(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill"), hardware, p)
     past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
+    if model.architecture == "encoder":
+        if w.output_tokens != 1:
+            raise PerfmodelError(f"output: model {model.name} is encoder-only and generates nothing; allowed: 1")
+        prefill = op_timings(encoder_ops(model, w.batch, w.input_tokens, p, flash), hardware, p)
+        return Analysis(model, hardware, w, p, flash, prefill, [])
+    if model.architecture == "encoder-decoder":
+        # the decoder starts from one start token; its self-attention cache holds generated tokens only
+        first = phase_ops(model, w.batch, 1, 0, p, flash, phase="prefill", cross_tokens=w.input_tokens)
+        prefill = op_timings(encoder_ops(model, w.batch, w.input_tokens, p, flash) + first, hardware, p)
+        steps = np.arange(1, w.decode_steps + 1) if w.decode_steps else np.asarray([1])
+        decode = op_timings(phase_ops(model, w.batch, 1, steps, p, flash, phase="decode",
+                                      cross_tokens=w.input_tokens), hardware, p)
+        return Analysis(model, hardware, w, p, flash, prefill, decode)
+    prefill = op_timings(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill"), hardware, p)
     decode = op_timings(phase_ops(model, w.batch, 1, past, p, flash, phase="decode"), hardware, p)
     return Analysis(model, hardware, w, p, flash, prefill, decode)

@@ -47,6 +47,11 @@ class ModelSpec:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # encoder-only (BERT) and encoder-decoder (T5) models; decoder-only is the default
+    architecture: str = "decoder"  # decoder | encoder | encoder-decoder
+    num_encoder_layers: int = 0  # encoder-decoder: layers of the encoder stack (num_layers: the decoder's)
+    gated: bool | None = None  # gated (SwiGLU/GeGLU) MLP; None: by family
+    position_embedding: str = ""  # rope | learned | relative; "" by family
     published_params: float | None = None
     source: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -67,6 +72,8 @@ class ModelSpec:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if not self.activation:
             object.__setattr__(self, "activation", "gelu" if self.family == "gpt2" else "silu")
+        if self.architecture not in ("decoder", "encoder", "encoder-decoder"):
+            raise bad_value(f"model {self.name}: architecture", self.architecture, "decoder|encoder|encoder-decoder")
         if self.num_experts and not self.moe_intermediate_size:
             object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
 
@@ -81,7 +88,7 @@ class ModelSpec:
 
     @property
     def gated_mlp(self) -> bool:
-        return self.family != "gpt2"
+        return self.family != "gpt2" if self.gated is None else self.gated
 
     @property
     def norm(self) -> str:
@@ -89,7 +96,7 @@ class ModelSpec:
 
     @property
     def positions(self) -> str:
-        return "learned" if self.family == "gpt2" else "rope"
+        return self.position_embedding or ("learned" if self.family == "gpt2" else "rope")
 
     @property
     def linear_bias(self) -> bool:
@@ -169,8 +176,14 @@ class ModelSpec:
             p += self.max_position * self.hidden_size
         return p
 
+    @property
+    def is_decoder_only(self) -> bool:
+        return self.architecture == "decoder"
+
     def lm_head_params(self) -> int:
-        return 0 if self.tied_embeddings else self.vocab_size * self.hidden_size
+        if self.tied_embeddings or self.architecture == "encoder":
+            return 0
+        return self.vocab_size * self.hidden_size
 
     def param_count(self, active: bool = False) -> int:
         attn = self.attention_params()
@@ -179,6 +192,9 @@ class ModelSpec:
             extra_norms = 0  # q_a/kv_a norms are already in attention_params
         per_layer_common = attn + 2 * self.norm_params() + extra_norms
         dense = self.dense_layers * (per_layer_common + self.mlp_params())
+        if self.architecture == "encoder-decoder":  # encoder stack + a cross-attention block per decoder layer
+            dense += self.num_encoder_layers * (per_layer_common + self.mlp_params())
+            dense += self.num_layers * (attn + self.norm_params())
         moe_total, moe_active = self.moe_params() if self.is_moe else (0, 0)
         moe = self.moe_layers * (per_layer_common + (moe_active if active else moe_total))
         return dense + moe + self.embedding_params() + self.lm_head_params() + self.norm_params()
@@ -198,6 +214,8 @@ class ModelSpec:
         experts = self.experts_per_token if active else self.num_experts
         moe = self.moe_layers * (attn + h * self.num_experts + (experts + self.num_shared_experts)
                                  * mlp_mult * h * self.moe_intermediate_size)
+        if self.architecture == "encoder-decoder":
+            dense += self.num_encoder_layers * (attn + mlp_mult * h * self.intermediate_size) + self.num_layers * attn
         return dense + moe + self.vocab_size * h
 
     def replace(self, **changes) -> "ModelSpec":
@@ -245,6 +263,20 @@ def model_from_hf_config(cfg: dict, name: str = "") -> ModelSpec:
                          num_kv_heads=cfg["n_head"], intermediate_size=cfg.get("n_inner") or 4 * h,
                          vocab_size=cfg["vocab_size"], max_position=cfg.get("n_positions", 1024),
                          tied_embeddings=True, norm_eps=cfg.get("layer_norm_epsilon", 1e-5), source="config.json")
+    if mt == "bert":
+        return ModelSpec(name=name, family="gpt2", architecture="encoder", hidden_size=cfg["hidden_size"],
+                         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+                         num_kv_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
+                         vocab_size=cfg["vocab_size"], max_position=cfg.get("max_position_embeddings", 512),
+                         tied_embeddings=True, source="config.json")
+    if mt == "t5":
+        return ModelSpec(name=name, family="llama", architecture="encoder-decoder", hidden_size=cfg["d_model"],
+                         num_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
+                         num_encoder_layers=cfg["num_layers"], num_heads=cfg["num_heads"],
+                         num_kv_heads=cfg["num_heads"], head_dim=cfg["d_kv"], intermediate_size=cfg["d_ff"],
+                         vocab_size=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", True),
+                         gated=cfg.get("feed_forward_proj", "relu").startswith("gated"),
+                         position_embedding="relative", max_position=512, source="config.json")
     family = {"mixtral": "mixtral", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}.get(mt, "llama")
     if "hidden_size" not in cfg:
         raise PerfmodelError(f"config.json: model_type {mt!r} lacks hidden_size; supported: llama, mistral, qwen2, "

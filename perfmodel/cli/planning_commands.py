@@ -1,0 +1,194 @@
+"""Commands for capacity planning: plan, simulate, speculative, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from perfmodel.cli.app import app
+from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
+from perfmodel.errors import PerfmodelError, bad_value
+from perfmodel.output import check_format, console, emit, print_table, seconds, si
+
+FORMAT_HELP = "table | json | csv"
+
+
+def _lengths(inp: str, out: str, trace: Path | None, n: int = 2000):
+    import numpy as np
+
+    from perfmodel.planning.workload import LengthDist, trace_requests
+
+    if trace is not None:
+        r = trace_requests(trace)
+        return r.input_tokens, r.output_tokens
+    rng = np.random.default_rng(0)
+    return LengthDist.parse("--input", inp).sample(n, rng), LengthDist.parse("--output", out).sample(n, rng)
+
+
+def _precision(dtype, weight_dtype, kv_dtype):
+    from perfmodel.costmodel.operators import Precision
+
+    return Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(DEFAULT_MODEL), hardware: str = typer.Option(DEFAULT_HARDWARE),
+    input: str = typer.Option("1024", "--input", help="N, uniform:LO:HI, normal:MEAN:STD or lognormal:MEDIAN:SIGMA"),
+    output: str = typer.Option("256", help="as --input"),
+    trace: Path = typer.Option(None, help="CSV of requests (arrival_s, input_tokens, output_tokens)"),
+    rate: float = typer.Option(None, help="requests per second (default: the trace's rate, or one replica)"),
+    ttft: float = typer.Option(2.0, help="TTFT SLO in seconds"), tpot: float = typer.Option(0.05, help="TPOT SLO, s"),
+    percentile: float = typer.Option(90.0, help="the SLO holds for this percentile of request lengths"),
+    dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
+    max_tp: int = typer.Option(8), max_pp: int = typer.Option(4),
+    format: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """The cheapest deployment (tensor/pipeline degree, batch, replicas) that meets the TTFT and TPOT SLOs."""
+    import numpy as np
+
+    from perfmodel.planning.planner import SLO, PlanInput, check_slo, plan as run_plan
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    inp, out = _lengths(input, output, trace)
+    if rate is None and trace is not None:
+        from perfmodel.planning.workload import trace_requests
+        r = trace_requests(trace)
+        rate = len(r) / max(float(r.arrival_s[-1]), 1e-9)
+    if rate is not None and rate <= 0:
+        raise bad_value("--rate", rate, "requests per second > 0")
+    m = load_model(model)
+    if not m.is_decoder_only:
+        raise PerfmodelError(f"--model: plan serves decoder-only models; {m.name} is {m.architecture} "
+                             "(use analyze for its request cost)")
+    result = run_plan(m, load_hardware(hardware), PlanInput(np.asarray(inp), np.asarray(out), rate),
+                      check_slo(SLO(ttft, tpot, percentile)), _precision(dtype, weight_dtype, kv_dtype), max_tp, max_pp)
+    if emit(format, result, result["options"]):
+        return
+    c = console()
+    if not result["feasible"]:
+        c.print(f"[red]nothing fits[/red]: no configuration of {model} on {hardware} meets TTFT ≤ {ttft} s and "
+                f"TPOT ≤ {tpot} s. {result['reason']}.")
+        return
+    b = result["best"]
+    money = lambda v: "n/a" if v is None else f"${v:,.2f}"  # noqa: E731
+    c.print(f"[bold]{result['model']} on {result['hardware']}[/bold]: {b['gpus']} GPUs = {b['replicas']} "
+            f"replica(s) × TP{b['tp']}·PP{b['pp']}, batch {b['batch']} (fits {b['max_batch_fits']})")
+    c.print(f"p{percentile:g} TTFT {seconds(b['ttft_s'])}, TPOT {seconds(b['tpot_s'])}; "
+            f"{b['per_gpu_output_tokens_per_s']:,.0f} output tokens/s per GPU; "
+            f"{money(b['cost_per_million_output_tokens_usd'])} per million output tokens")
+    c.print(f"binding constraint — {b['binding']}")
+    for which in ("optimistic", "pessimistic"):
+        o = result["band"][which]
+        if o and o.get("gpus"):
+            c.print(f"  {which}: {o['gpus']} GPUs, batch {o['batch']}, {o['per_gpu_output_tokens_per_s']:,.0f} "
+                    f"tokens/s/GPU, {money(o['cost_per_million_output_tokens_usd'])}/M tokens")
+    cols = {"tp": ("TP", str), "pp": ("PP", str), "batch": ("batch", str), "replicas": ("replicas", str),
+            "gpus": ("GPUs", str), "ttft_s": ("TTFT", seconds), "tpot_s": ("TPOT", seconds),
+            "per_gpu_output_tokens_per_s": ("tok/s/GPU", lambda v: f"{v:,.0f}"),
+            "cost_per_million_output_tokens_usd": ("$/M tok", money)}
+    print_table(result["options"], title="every configuration that meets the SLO", columns=cols)
+
+
+@app.command()
+def simulate(
+    model: str = typer.Option(DEFAULT_MODEL), hardware: str = typer.Option(DEFAULT_HARDWARE),
+    rate: float = typer.Option(5.0, help="Poisson arrivals per second"),
+    requests: int = typer.Option(2000, help="requests to simulate"),
+    input: str = typer.Option("1024", "--input"), output: str = typer.Option("256"),
+    trace: Path = typer.Option(None, help="CSV trace instead of Poisson arrivals"),
+    tp: int = typer.Option(1), pp: int = typer.Option(1),
+    max_batch: int = typer.Option(256), block_tokens: int = typer.Option(16),
+    chunked_prefill: int = typer.Option(0, help="prefill token budget per iteration (0: off)"),
+    ttft: float = typer.Option(None, help="TTFT SLO for goodput"), tpot: float = typer.Option(None),
+    dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
+    seed: int = typer.Option(0), format: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """Discrete-event simulation of continuous batching with a paged KV budget: latency percentiles, goodput."""
+    from perfmodel.costmodel.parallel import Parallelism
+    from perfmodel.planning.deploy import Deployment
+    from perfmodel.planning.simulate import SchedulerConfig, simulate as run_sim
+    from perfmodel.planning.workload import LengthDist, poisson_requests, trace_requests
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    if requests < 1 or max_batch < 1 or block_tokens < 1:
+        raise PerfmodelError("--requests, --max-batch, --block-tokens: allowed: integers >= 1")
+    reqs = trace_requests(trace) if trace else poisson_requests(
+        rate, requests, LengthDist.parse("--input", input), LengthDist.parse("--output", output), seed)
+    m = load_model(model)
+    par = Parallelism(tp=tp, pp=pp)
+    par.check(m)
+    dep = Deployment(m, load_hardware(hardware), par, _precision(dtype, weight_dtype, kv_dtype))
+    r = run_sim(dep, reqs, SchedulerConfig(max_batch, block_tokens, chunked_prefill), ttft, tpot)
+    rows = [{"metric": k, "p50": r[k]["p50"], "p90": r[k]["p90"], "p99": r[k]["p99"]} for k in ("ttft_s", "tpot_s", "e2e_s")]
+    if emit(format, r, rows):
+        return
+    print_table(rows, title=f"{m.name} on {dep.hardware.name} (TP{tp}·PP{pp}): {r['requests']} requests at "
+                            f"{rate if not trace else 'trace'} req/s", columns={
+        "metric": ("latency", str), "p50": ("p50", seconds), "p90": ("p90", seconds), "p99": ("p99", seconds)})
+    c = console()
+    c.print(f"throughput {r['throughput_output_tokens_per_s']:,.0f} output tokens/s, {r['throughput_requests_per_s']:.2f} "
+            f"requests/s; goodput {r['goodput_requests_per_s']:.2f} requests/s ({r['slo_attainment'] * 100:.1f} % "
+            f"within SLO); utilisation {r['utilisation'] * 100:.0f} %; {r['preemptions']} preemptions; "
+            f"{r['kv_blocks']:,} KV blocks")
+
+
+@app.command()
+def speculative(
+    model: str = typer.Option("llama-3.1-70b", help="target model"), draft: str = typer.Option("llama-3.1-8b"),
+    hardware: str = typer.Option(DEFAULT_HARDWARE), alpha: str = typer.Option("0.6,0.7,0.8,0.9"),
+    gamma: str = typer.Option("1,2,4,6,8"), context: int = typer.Option(1024), batch: int = typer.Option(1),
+    format: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """Expected speed-up of speculative decoding: tokens per target step (1-α^(γ+1))/(1-α) against the cost."""
+    from perfmodel.costmodel.speculative import speculative as run
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    try:
+        alphas = [float(a) for a in name_list(alpha)]
+    except ValueError:
+        raise bad_value("--alpha", alpha, "numbers in [0, 1], comma-separated") from None
+    t, d, hw = load_model(model), load_model(draft), load_hardware(hardware)
+    rows = [run(t, d, hw, a, g, context, batch) for a in alphas for g in int_list("--gamma", gamma)]
+    if emit(format, rows):
+        return
+    print_table(rows, title=f"speculative decoding: {t.name} with draft {d.name} on {hw.name}, context {context}",
+                columns={"alpha": ("α", str), "gamma": ("γ", str),
+                         "tokens_per_target_step": ("tokens/step", lambda v: f"{v:.2f}"),
+                         "tpot_s": ("TPOT", seconds), "baseline_tpot_s": ("baseline", seconds),
+                         "speedup": ("speed-up", lambda v: f"{v:.2f}×")})
+
+
+@app.command()
+def compare(
+    model: str = typer.Option(DEFAULT_MODEL),
+    hardware: str = typer.Option("h100-sxm,a100-80gb,mi300x,l40s", help="comma-separated hardware"),
+    input: int = typer.Option(1024, "--input"), output: int = typer.Option(256),
+    batch: int = typer.Option(16, help="batch for the table"),
+    dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
+    out_dir: Path = typer.Option(None, help="plots folder (default: reports/compare-<model>)"),
+    format: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """One model and workload across accelerators: latency, throughput, memory headroom, cost per million tokens."""
+    from perfmodel.planning.compare import compare as run
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    m = load_model(model)
+    hws = [load_hardware(h) for h in name_list(hardware)]
+    res = run(m, hws, input, output, batch, _precision(dtype, weight_dtype, kv_dtype),
+              out_dir or Path("reports") / f"compare-{m.name}")
+    if emit(format, res, res["rows"]):
+        return
+    money = lambda v: "n/a" if v is None else f"${v:,.2f}"  # noqa: E731
+    print_table(res["rows"], title=f"{m.name}: input {input}, output {output}, batch {batch}", columns={
+        "hardware": ("hardware", str), "gpus": ("GPUs (TP)", str), "fits": ("fits", str), "ttft_s": ("TTFT", seconds), "tpot_s": ("TPOT", seconds),
+        "tokens_per_s": ("tokens/s", lambda v: f"{v:,.0f}"), "max_batch": ("max batch", str),
+        "peak_tokens_per_s": ("peak tok/s", lambda v: f"{v:,.0f}"),
+        "headroom_bytes": ("headroom", lambda v: si(v, "B")),
+        "cost_per_million_tokens_usd": ("$/M tok", money)})
+    console().print(f"plots: {', '.join(res['plots'])}")
