@@ -192,3 +192,38 @@ def compare(
         "headroom_bytes": ("headroom", lambda v: si(v, "B")),
         "cost_per_million_tokens_usd": ("$/M tok", money)})
     console().print(f"plots: {', '.join(res['plots'])}")
+
+
+@app.command()
+def report(
+    model: str = typer.Option(DEFAULT_MODEL), hardware: str = typer.Option(DEFAULT_HARDWARE),
+    batch: int = typer.Option(8), input: int = typer.Option(1024, "--input"), output: int = typer.Option(256),
+    dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
+    flash: bool = typer.Option(True, "--flash/--no-flash"),
+    rate: float = typer.Option(None, help="request rate for the plan section"),
+    ttft: float = typer.Option(2.0), tpot: float = typer.Option(0.05),
+    name: str = typer.Option(None, help="report folder under reports/ (default <model>-<hardware>)"),
+    out_root: Path = typer.Option(Path("reports"), help="where report folders go"),
+    format: str = typer.Option("table", "--format", help=FORMAT_HELP),
+) -> None:
+    """A self-contained HTML roofline report: operators on the roofline, memory, latency/throughput, table, plan."""
+    import numpy as np
+
+    from perfmodel.costmodel.request import Workload, analyze as run_analysis
+    from perfmodel.planning.planner import SLO, PlanInput, check_slo, plan as run_plan
+    from perfmodel.report.html import build_report
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    m, hw = load_model(model), load_hardware(hardware)
+    a = run_analysis(m, hw, Workload(batch, input, output), _precision(dtype, weight_dtype, kv_dtype), flash)
+    plan_result = None
+    if m.is_decoder_only:
+        plan_result = run_plan(m, hw, PlanInput(np.array([input]), np.array([output]), rate),
+                               check_slo(SLO(ttft, tpot)), a.precision)
+    folder = out_root / (name or f"{m.name}-{hw.name}")
+    path = build_report(a, plan_result, folder, f"{m.name} on {hw.description}")
+    result = {"report": str(path), "figures": sorted(str(p) for p in folder.glob("*.png"))}
+    if emit(format, result, [result]):
+        return
+    console().print(f"wrote [bold]{path}[/bold] (+ {', '.join(Path(f).name for f in result['figures'])})")

@@ -150,8 +150,10 @@ def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerCo
                 still.append(r)
         running = still
         for r in list(running):
+            if r not in running:  # preempted a moment ago
+                continue
             need = blocks(inp[r] + generated[r] + 1) - held[r]
-            while need > free and len(running) > 1 and running[-1] != r:
+            while need > free:  # preempt the newest sequence, this one last
                 victim = running.pop()
                 free += held[victim]
                 held[victim] = 0
@@ -159,7 +161,9 @@ def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerCo
                 prefilled[victim] = 0
                 waiting.appendleft(victim)
                 preemptions += 1
-            if need > 0 and need <= free:
+                if victim == r:
+                    break
+            if r in running and need > 0:
                 free -= need
                 held[r] += need
     ttft = first_tok - arrival
