@@ -33,11 +33,37 @@ def load_engine_model(name: str, layers: int | None = None, seed: int = 0):
         spec = load_model(name)
         if layers:
             spec = spec.replace(num_layers=layers, first_dense_layers=min(spec.first_dense_layers, layers))
+        check_engine_support(spec)
+        need = spec.param_count() * 4  # fp32 master copy
+        avail = _available_memory()
+        if avail and need > 0.6 * avail:
+            raise PerfmodelError(f"--layers: {spec.name} with {spec.num_layers} layers needs {need / 1e9:.1f} GB of "
+                                 f"fp32 weights, more than this machine can hold ({avail / 1e9:.1f} GB available); "
+                                 "pass fewer --layers")
         weights = random_weights(spec, seed)
         return spec, weights, None
     if layers:
         spec, weights = truncate(spec, weights, layers)
     return spec, weights, tokenizer
+
+
+def check_engine_support(spec: ModelSpec) -> None:
+    if spec.is_mla:
+        raise PerfmodelError(f"model {spec.name}: the reference engine runs llama, mixtral and gpt2 families; "
+                             "MLA (deepseek) is modelled analytically only")
+    if spec.architecture != "decoder":
+        raise PerfmodelError(f"model {spec.name}: the reference engine runs decoder-only models; "
+                             f"{spec.architecture} models are modelled analytically only")
+
+
+def _available_memory() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def truncate(spec: ModelSpec, weights: Weights, layers: int) -> tuple[ModelSpec, Weights]:
