@@ -26,9 +26,12 @@ def analyze(
     kv_dtype: str = typer.Option(None, help="KV-cache dtype (default: --dtype)"),
     flash: bool = typer.Option(True, "--flash/--no-flash", help="FlashAttention (scores stay on chip)"),
     efficiency: str = typer.Option("nominal", help="nominal | optimistic | pessimistic efficiency factors"),
+    kv_prune: str = typer.Option("dense", help="KV compression: per-token:0.7, per-channel:0.5:output, kivi:2, "
+                                               "h2o:0.7, streaming:0.7"),
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Per-operator FLOPs, bytes, time and bound for prefill and decode, with the request summary."""
+    from perfmodel.kvcache.methods import KVMethod
     from perfmodel.costmodel.operators import Precision
     from perfmodel.costmodel.request import Workload, analyze as run_analysis
     from perfmodel.specs import load_hardware, load_model
@@ -36,7 +39,9 @@ def analyze(
     check_format(format)
     precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
     hw = load_hardware(hardware).with_efficiency(efficiency)
-    a = run_analysis(load_model(model), hw, Workload(batch, input, output), precision, flash)
+    method = KVMethod.parse(kv_prune)
+    a = run_analysis(load_model(model), hw, Workload(batch, input, output), precision, flash,
+                     None if method.kind == "dense" else method)
     result = a.to_dict()
     if emit(format, result, result["ops"]):
         return

@@ -239,7 +239,7 @@ class _Builder:
 def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Precision | None = None,
               flash: bool = True, experts_touched=None, all_logits: bool = False, phase: str | None = None,
               include_sampling: bool = True, causal: bool = True, head: bool = True, cache: bool = True,
-              cross_tokens=None) -> list[Op]:
+              cross_tokens=None, kv_method=None) -> list[Op]:
     """Operators of one forward pass: `new_tokens` per sequence after `past_tokens` already cached.
 
     Prefill is new_tokens=input, past_tokens=0; a decode step is new_tokens=1, past_tokens=context-1.
@@ -284,8 +284,11 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
         if cache:
             b.ops.append(Op("kv_write", "memory", L, 0, act_read_bytes=N * 2 * nkv * d * a,
                             kv_write_bytes=N * kv_tok))
-        b.attention(L, B, T, P, nq, nkv, d, d, kv_tok if cache else 2 * nkv * d * a, flash, W,
-                    kv_is_cache=cache, causal=causal)
+        if kv_method is not None and kv_method.kind != "dense":
+            _compressed_attention(b, L, B, T, P, kv_method, flash, phase)
+        else:
+            b.attention(L, B, T, P, nq, nkv, d, d, kv_tok if cache else 2 * nkv * d * a, flash, W,
+                        kv_is_cache=cache, causal=causal)
         b.matmul("o_proj", L, N, nq * d, h, bias=m.linear_bias)
     b.elementwise("attn_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
     if cross_tokens is not None:
@@ -308,6 +311,39 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
                         act_read_bytes=n_logits * m.vocab_size * a, act_write_bytes=n_logits * INDEX_BYTES,
                         group="head"))
     return b.ops
+
+
+def _compressed_attention(b: _Builder, L, B, T, P, method, flash, phase):
+    """Attention over a compressed cache. Prefill attends densely, then compresses everything but the window;
+    a decode step reads the compressed history (decompressing it on chip: one FLOP per element restored) and
+    the dense window, and compresses the token that leaves the window."""
+    from perfmodel.costmodel.kv_compression import attended_keys, compressed_tokens, kv_stored_bytes_per_layer
+
+    m, a = b.m, b.a
+    nq, nkv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    kv_tok = kv_bytes_per_token_layer(m, b.p.kv_cache)
+    if phase == "prefill":
+        b.attention(L, B, T, P, nq, nkv, d, d, kv_tok, flash, None)
+        done = compressed_tokens(method, np.asarray(P) + T)
+        stored = kv_stored_bytes_per_layer(m, method, np.asarray(P) + T, B, b.p.kv_cache)
+        b.ops.append(Op("kv_compress", "elementwise", L, 4 * B * done * 2 * nkv * d,
+                        kv_read_bytes=B * done * kv_tok, kv_write_bytes=stored - B * (np.asarray(P) + T - done)
+                        * kv_tok))
+        return
+    ctx = np.asarray(P) + T
+    keys = attended_keys(method, ctx)
+    pairs = B * T * keys * nq  # a decode step: every kept key
+    done = compressed_tokens(method, ctx)
+    read = kv_stored_bytes_per_layer(m, method, ctx, B, b.p.kv_cache)
+    restored = B * done * 2 * nkv * d if method.kind in ("per-token", "per-channel", "kivi") else 0
+    flops = pairs * (4 * d + FLOPS_PER_ELEMENT["softmax"]) + restored
+    b.ops.append(Op("attention", "attention", L, flops, act_read_bytes=B * T * nq * d * a, kv_read_bytes=read,
+                    act_write_bytes=B * T * nq * d * a, min_dim=np.minimum(T, d)))
+    # the token leaving the window is compressed: read it, write its compressed form (amortised per step)
+    per_tok = kv_stored_bytes_per_layer(m, method, method.window + 64 * 4, 1, b.p.kv_cache) - \
+        kv_stored_bytes_per_layer(m, method, method.window + 64 * 4 - 1, 1, b.p.kv_cache)
+    b.ops.append(Op("kv_compress", "elementwise", L, 4 * B * 2 * nkv * d, kv_read_bytes=B * kv_tok,
+                    kv_write_bytes=B * np.maximum(per_tok, 0)))
 
 
 def _cross_attention(b: _Builder, L, B, N, enc, flash, phase):

@@ -46,6 +46,7 @@ class Analysis:
     flash: bool
     prefill: list[OpTiming]
     decode: list[OpTiming]  # arrays over decode steps
+    kv_method: object = None  # a KVMethod compressing the cache, or None (dense)
 
     def _phase(self, timings: list[OpTiming]) -> dict:
         s = phase_summary(timings)
@@ -96,6 +97,10 @@ class Analysis:
         elif m.architecture == "encoder-decoder":  # self-attention over outputs + cross K/V over the input
             kv = int(kv_cache_bytes(m, w.output_tokens, w.batch, p.kv_cache)
                      + kv_cache_bytes(m, w.input_tokens, w.batch, p.kv_cache))
+        elif self.kv_method is not None and self.kv_method.kind != "dense":
+            from perfmodel.costmodel.kv_compression import kv_stored_bytes
+
+            kv = int(kv_stored_bytes(m, self.kv_method, w.input_tokens + w.output_tokens, w.batch, p.kv_cache))
         else:
             kv = int(kv_cache_bytes(m, w.input_tokens + w.output_tokens, w.batch, p.kv_cache))
         act = activation_peak_bytes(self.prefill)
@@ -135,6 +140,7 @@ class Analysis:
                 "precision": {"weights": self.precision.weights, "activations": self.precision.activations,
                               "kv_cache": self.precision.kv_cache},
                 "flash_attention": self.flash,
+                "kv_method": self.kv_method.label if self.kv_method is not None else "dense",
                 "prefill": self.prefill_summary, "decode": self.decode_summary, "request": self.request,
                 "memory": self.memory, "ops": self.op_rows()}
 
@@ -156,9 +162,19 @@ def encoder_ops(model: ModelSpec, batch, tokens, precision: Precision, flash: bo
 
 
 def analyze(model: ModelSpec, hardware: HardwareSpec, workload: Workload, precision: Precision | None = None,
-            flash: bool = True) -> Analysis:
+            flash: bool = True, kv_method=None) -> Analysis:
     """Prefill (encoder pass, or encoder + first decoder step), then every decode step."""
     p = precision or Precision()
+    if kv_method is not None and kv_method.kind != "dense":
+        if not model.is_decoder_only or model.is_mla:
+            raise PerfmodelError(f"--kv-prune: applies to decoder-only models with K/V heads, not {model.name}")
+        w = workload
+        past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
+        prefill = op_timings(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill",
+                                       kv_method=kv_method), hardware, p)
+        decode = op_timings(phase_ops(model, w.batch, 1, past, p, flash, phase="decode", kv_method=kv_method),
+                            hardware, p)
+        return Analysis(model, hardware, w, p, flash, prefill, decode, kv_method)
     w = workload
     past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
     if model.architecture == "encoder":

@@ -155,6 +155,8 @@ class Transformer:
         P = cache.length
         if P + T > cache.max_tokens:
             raise PerfmodelError(f"context: {P + T} tokens exceed the cache's {cache.max_tokens}")
+        if P + T > s.max_position:
+            raise PerfmodelError(f"context: {P + T} tokens exceed {s.name}'s max_position {s.max_position}")
         pad = np.zeros(B, dtype=np.int64) if pad is None else np.asarray(pad, dtype=np.int64)
         pos = np.maximum(P + np.arange(T)[None, :] - pad[:, None], 0)  # [B, T] positions per sequence
         x = self._embed(ids, pos)
@@ -169,6 +171,9 @@ class Transformer:
             m = self._moe(i, lw, h) if lw.router is not None else self._mlp(i, lw, h)
             x = self._add("mlp_residual", i, x, m)
         cache.length = P + T
+        if hasattr(cache, "after_forward"):  # compress what left the dense window (prefill attention stayed dense)
+            cache.advance_queries(T)
+            cache.after_forward()
         if not all_logits:
             x = x[:, -1:, :]
         x = self._norm("final_norm", -1, x, self.w.final_norm, self.w.final_norm_b)
@@ -233,7 +238,11 @@ class Transformer:
                   kv_write_bytes=self._nb(cache.k[i][:, :, P:P + T], cache.v[i][:, :, P:P + T]))
         # under a sliding window only the band the new queries can see is read
         first = max(0, P - s.sliding_window + 1) if s.sliding_window else 0
-        kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
+        alive = None
+        if hasattr(cache, "read"):  # a compressing cache: attention reads its storage back
+            kc, vc, alive = cache.read(i, first, P + T)
+        else:
+            kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
         mask = mask[..., first:]
         pairs = int(mask.sum()) * nq  # (query, key) pairs the mask keeps, over all heads and sequences
         if self.flash:
@@ -242,11 +251,13 @@ class Transformer:
             tr.record(t0, "attention", "attention", i, pairs * (4 * d + FLOPS_PER_ELEMENT["softmax"]),
                       act_read_bytes=self._nb(q), kv_read_bytes=self._nb(kc, vc), act_write_bytes=self._nb(out))
         else:
-            out = self._blocked_attention(i, q, kc, vc, mask, first, P, pairs)
+            out = self._blocked_attention(i, q, kc, vc, mask, first, P, pairs, alive, cache)
+            if hasattr(cache, "record_output"):
+                cache.record_output(i, out)
         out = be.transpose(out, (0, 2, 1, 3)).reshape(B, T, nq * d)
         return self._linear("o_proj", i, out, lw.o, lw.o_b)
 
-    def _blocked_attention(self, i, q, kc, vc, mask, first, P, pairs):
+    def _blocked_attention(self, i, q, kc, vc, mask, first, P, pairs, alive=None, cache=None):
         """Causal attention with the scores materialised, a block of ATTN_BLOCK query rows at a time: each
         block sees only keys up to its last row (and within the window), so the upper triangle is skipped."""
         be, s, tr = self.be, self.spec, self.tr
@@ -265,7 +276,12 @@ class Transformer:
             t0 = tr.start()
             scores = be.matmul(qb, be.swap_last(kb)[:, :, None])
             t1 = tr.start()
-            probs = be.masked_softmax(scores, be_mask(be, mask[:, :, None, r0:r1, lo:hi]))
+            mb = mask[:, :, None, r0:r1, lo:hi]
+            if alive is not None:  # evicted tokens (H2O, StreamingLLM) are out of every query's reach
+                mb = mb & alive[:, :, None, None, lo:hi]
+            probs = be.masked_softmax(scores, be_mask(be, mb))
+            if cache is not None and hasattr(cache, "observe"):
+                cache.observe(i, q[:, :, r0:r1], probs, first + lo)
             t2 = tr.start()
             outs.append(be.matmul(probs, vb[:, :, None]))
             t3 = tr.start()
