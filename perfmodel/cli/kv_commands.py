@@ -77,12 +77,12 @@ def _plot(df, path: Path, context: int, steps: int) -> None:
             if sel.empty:
                 continue
             label = family + (" (output-aware)" if score else "")
-            axes[0].plot(sel.kv_fraction_of_dense * 100, sel.perplexity_change_pct.clip(lower=1e-3), marker=marker,
+            axes[0].plot(sel.kv_fraction_of_dense * 100, sel.kl_divergence, marker=marker,
                          label=label, ls="-" if family != "kivi" else "none")
             axes[1].plot(sel.kv_fraction_of_dense * 100, sel.top1_agreement * 100, marker=marker, label=label,
                          ls="-" if family != "kivi" else "none")
-    axes[0].set(yscale="log", xlabel="KV cache size (% of dense, measured)", ylabel="perplexity change (%)",
-                title="quality vs compression")
+    axes[0].set(yscale="log", xlabel="KV cache size (% of dense, measured)",
+                ylabel="KL(dense ‖ compressed) per token (nats)", title="quality vs compression")
     axes[1].set(xlabel="KV cache size (% of dense, measured)", ylabel="top-1 agreement with dense (%)",
                 title="next-token agreement")
     for ax in axes:

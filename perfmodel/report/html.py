@@ -43,7 +43,7 @@ def build_report(a, plan_result: dict | None, out_dir: Path, title: str) -> Path
     try:
         for k, b in pngs.items():
             (tmp / f"{k}.png").write_bytes(b)
-        (tmp / "report.html").write_text(_html(d, pngs, plan_result, title))
+        (tmp / "report.html").write_text(_html(d, pngs, plan_result, title, kv_compression_rows(a)))
         out_dir.mkdir(exist_ok=True)
         for f in tmp.iterdir():
             f.replace(out_dir / f.name)
@@ -57,7 +57,42 @@ def _img(name: str, data: bytes, alt: str) -> str:
     return f'<img class="figure" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}" data-file="{name}.png">'
 
 
-def _html(d: dict, pngs: dict, plan_result: dict | None, title: str) -> str:
+def kv_compression_rows(a) -> list[dict]:
+    """Each compression method at this workload: KV bytes, last-step TPOT and the largest batch that fits."""
+    from perfmodel.costmodel.kv_compression import kv_stored_bytes
+    from perfmodel.costmodel.request import Workload, analyze
+    from perfmodel.kvcache.methods import KVMethod
+
+    m, w, hw, p = a.model, a.workload, a.hardware, a.precision
+    if not m.is_decoder_only or m.is_mla:
+        return []
+    rows = []
+    tokens = w.input_tokens + w.output_tokens
+    for name in ("dense", "per-token:0.5", "per-token:0.7", "per-token:0.9", "kivi:4", "kivi:2", "h2o:0.7",
+                 "streaming:0.7"):
+        method = KVMethod.parse(name)
+        r = analyze(m, hw, Workload(w.batch, w.input_tokens, w.output_tokens), p, a.flash,
+                    None if name == "dense" else method)
+        per_seq = float(kv_stored_bytes(m, method, tokens, 1, p.kv_cache))
+        free = hw.memory_capacity - r.memory["weights_bytes"] - r.memory["activation_bytes"]
+        rows.append({"method": name, "kv_bytes": r.memory["kv_cache_bytes"], "fraction": per_seq / float(
+            kv_stored_bytes(m, KVMethod(), tokens, 1, p.kv_cache)), "tpot_last_s": r.request["tpot_last_s"],
+            "max_batch": int(max(free, 0) // per_seq)})
+    return rows
+
+
+def _kv_html(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>Not applicable to this model.</p>"
+    body = "".join(f"<tr><td>{r['method']}</td><td>{si(r['kv_bytes'], 'B')}</td><td>{r['fraction'] * 100:.1f} %</td>"
+                   f"<td>{seconds(r['tpot_last_s'])}</td><td>{r['max_batch']}</td></tr>" for r in rows)
+    return ("<p>Compressed caches from the cost model (bitmap-pruned, KIVI, H2O, StreamingLLM; newest 32 tokens "
+            "dense; metadata counted). Quality on real weights: <code>perfmodel kv-quality</code>.</p>"
+            "<table><tr><th>method</th><th>KV cache</th><th>of dense</th><th>last TPOT</th><th>max batch</th></tr>"
+            + body + "</table>")
+
+
+def _html(d: dict, pngs: dict, plan_result: dict | None, title: str, kv_rows: list[dict]) -> str:
     q, m, w = d["request"], d["memory"], d["workload"]
     kpis = [("TTFT", seconds(q["ttft_s"])), ("TPOT", f"{seconds(q['tpot_first_s'])} → {seconds(q['tpot_last_s'])}"),
             ("end-to-end", seconds(q["e2e_s"])), ("throughput", f"{q['tokens_per_s']:,.0f} tok/s"),
@@ -79,6 +114,7 @@ def _html(d: dict, pngs: dict, plan_result: dict | None, title: str) -> str:
              "<h2>Memory</h2>", _img("memory", pngs["memory"], "memory"),
              "<h2>Latency and throughput</h2>", _img("latency", pngs["latency"], "latency"),
              "<h2>Plan</h2>", _plan_html(plan_result),
+             "<h2>KV-cache compression</h2>", _kv_html(kv_rows),
              "<h2>Per-operator table</h2><table><tr><th>phase</th><th>operator</th><th>×</th><th>FLOPs</th>"
              "<th>bytes</th><th>KV bytes</th><th>FLOP/B</th><th>time</th><th>bound</th></tr>" + rows + "</table>",
              "<script>window.addEventListener('load',()=>{const im=[...document.images];"
