@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from perfmodel.errors import bad_value
 
 
@@ -54,6 +52,3 @@ def bytes_per_element(dtype: DType | str) -> float:
     extra = dt.scale_bytes / dt.group_size if dt.group_size else 0.0
     return dt.bits / 8 + extra
 
-
-def as_int_array(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.int64)

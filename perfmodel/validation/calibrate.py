@@ -44,13 +44,13 @@ def _best_time(fn, repeats=5, min_time=0.02) -> float:
     return best
 
 
-def matmul_points(backend, dtype: str, progress=None) -> list[dict]:
+def matmul_points(backend, dtype: str, progress=None, square=SQUARE, skinny=SKINNY_M) -> list[dict]:
     """Achieved FLOP/s for square n^3 and skinny [m, K] x [K, N] matmuls."""
     from perfmodel.engine.backend import make_backend
 
     be = make_backend(backend, dtype)
     rng = np.random.default_rng(0)
-    shapes = [(n, n, n) for n in SQUARE] + [(m, SKINNY_KN, SKINNY_KN) for m in SKINNY_M]
+    shapes = [(n, n, n) for n in square] + [(m, SKINNY_KN, SKINNY_KN) for m in skinny]
     out = []
     for m, k, n in shapes:
         a, b = be.asarray(rng.random((m, k), dtype=np.float32)), be.asarray(rng.random((k, n), dtype=np.float32))
@@ -269,9 +269,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
 
     from perfmodel.output import _plain, atomic_write
 
-    global SQUARE, SKINNY_M
-    if quick:
-        SQUARE, SKINNY_M = (64, 256, 512), (1, 16, 256)
+    square, skinny = ((64, 256, 512), (1, 16, 256)) if quick else (SQUARE, SKINNY_M)
     have_torch = "torch" in backends
     if have_torch:
         try:
@@ -288,7 +286,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
         dtypes = ["fp32"] + (["bf16"] if backend == "torch" else [])
         peaks = {}
         for dt in dtypes:
-            pts = matmul_points(backend, dt, progress=lambda: step(f"{backend} {dt} matmul"))
+            pts = matmul_points(backend, dt, lambda: step(f"{backend} {dt} matmul"), square, skinny)
             all_points += pts
             peaks[dt] = max(p["tflops"] for p in pts)
         half = fit_half_dim([p for p in all_points if p["backend"] == backend and p["dtype"] == "fp32"],
