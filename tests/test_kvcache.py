@@ -34,27 +34,78 @@ def test_bitmap_round_trip_and_bytes():
 
 def test_compressed_attention_equals_dense_attention_with_same_mask():
     """Decode attention through the tile format = dense attention on K/V with the pruned entries zeroed."""
+    from perfmodel.kvcache.cache import _from_tiles
+
     spec = small("smollm2-135m", num_layers=1, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64)
     m = Transformer(spec, random_weights(spec, 3), make_backend("numpy"))
     ids = np.random.default_rng(1).integers(0, spec.vocab_size, (2, 100))
     cache = CompressedKVCache(m.be, spec, 2, 120, KVMethod.parse("per-token:0.7", window=8))
     m.forward(ids[:, :90], cache)
-    k, v, _ = cache.read(0, 0, cache.length)
-    # rebuild the mask independently from the bitmaps and compare with the raw cache
-    dense_k = bitmap.decompress(cache.ck[0]).reshape(2, 2, cache.done, spec.head_dim)
-    raw = cache.k[0][:, :, :cache.done]
-    mask = dense_k != 0
-    np.testing.assert_array_equal(k[:, :, :cache.done], np.where(mask, raw, 0))
-    assert (mask.sum(axis=-1) == bitmap.kept_per_tile(0.7) * spec.head_dim // 64).all()
+    k, v, _, stored = cache.read(0, 0, cache.length)
+    assert stored == cache.ck[0].nbytes + cache.cv[0].nbytes > 0
+    # the mask, rebuilt independently from the bitmaps, applied to the raw (uncompressed) values
+    bits = (cache.ck[0].bitmaps[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
+    keep = _from_tiles(bits.astype(bool), "per-token", 2, 2, cache.done, spec.head_dim)
+    raw_k, raw_v = cache.k[0][:, :, :cache.done], cache.v[0][:, :, :cache.done]
+    np.testing.assert_array_equal(k[:, :, :cache.done], np.where(keep, raw_k, 0))
+    assert (keep.sum(axis=-1) == bitmap.kept_per_tile(0.7) * spec.head_dim // 64).all()
     np.testing.assert_array_equal(k[:, :, cache.done:], cache.k[0][:, :, cache.done:cache.length])
     # the next decode step's logits equal a dense engine fed the same masked K/V
-    logits_c = m.forward(ids[:, 90:91], cache)
     from perfmodel.engine.transformer import KVCache
     dense = KVCache(m.be, spec, 2, 120)
-    dense.k[0][:, :, :90] = np.concatenate([k[:, :, :cache.done], cache.k[0][:, :, cache.done:90]], axis=2)
-    dense.v[0][:, :, :90] = np.concatenate([v[:, :, :cache.done], cache.v[0][:, :, cache.done:90]], axis=2)
+    dense.k[0][:, :, :90], dense.v[0][:, :, :90] = k, v
     dense.length = 90
-    np.testing.assert_allclose(m.forward(ids[:, 90:91], dense), logits_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.forward(ids[:, 90:91], dense), m.forward(ids[:, 90:91], cache), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["per-token:0.7", "per-channel:0.5:output", "kivi:2"])
+def test_decode_reads_compressed_storage_as_the_cost_model_counts(method):
+    """Each decode step's kv_decompress reads exactly the compressed history the cost model's formula sizes."""
+    from perfmodel.costmodel.kv_compression import kv_stored_bytes_per_layer
+    from perfmodel.engine.tracer import Tracer
+
+    spec = small("smollm2-135m", num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=128,
+                 max_position=512)
+    tr = Tracer(enabled=True, timed=False)
+    m = Transformer(spec, random_weights(spec, 5), make_backend("numpy"), tracer=tr)
+    mt = KVMethod.parse(method)
+    cache = CompressedKVCache(m.be, spec, 2, 300, mt)
+    ids = np.random.default_rng(3).integers(0, spec.vocab_size, (2, 230))
+    m.forward(ids[:, :200], cache)
+    for t in range(200, 230):
+        tr.clear()
+        before = cache.length
+        m.forward(ids[:, t:t + 1], cache)
+        reads = [r.kv_read_bytes for r in tr.records if r.name == "kv_decompress"]
+        # the history as compressed after the previous forward: stored bytes minus its dense window
+        window_bytes = kv_stored_bytes_per_layer(spec, KVMethod(), before - cache_done(mt, before), 2, "fp32")
+        expected = kv_stored_bytes_per_layer(spec, mt, before, 2, "fp32") - window_bytes
+        assert reads == [expected] * spec.num_layers
+
+
+def cache_done(method, length):
+    from perfmodel.costmodel.kv_compression import compressed_tokens
+
+    return int(compressed_tokens(method, length))
+
+
+def test_evicted_keys_leave_the_flop_count():
+    from perfmodel.costmodel.kv_compression import attended_keys
+    from perfmodel.engine.tracer import Tracer
+
+    spec = small("smollm2-135m", num_layers=1, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                 max_position=512)
+    tr = Tracer(enabled=True, timed=False)
+    m = Transformer(spec, random_weights(spec, 6), make_backend("numpy"), tracer=tr)
+    mt = KVMethod.parse("h2o:0.6")
+    cache = CompressedKVCache(m.be, spec, 1, 300, mt)
+    ids = np.random.default_rng(4).integers(0, spec.vocab_size, (1, 201))
+    m.forward(ids[:, :200], cache)
+    tr.clear()
+    m.forward(ids[:, 200:201], cache)
+    qk = [r.flops for r in tr.records if r.name == "qk"][0]
+    assert qk == 2 * spec.head_dim * spec.num_heads * int(attended_keys(mt, 200))
 
 
 @pytest.mark.parametrize("method", METHODS)

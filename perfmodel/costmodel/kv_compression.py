@@ -65,10 +65,19 @@ def kv_stored_bytes(model: ModelSpec, method: KVMethod, tokens, batch=1, value_d
     return model.num_layers * kv_stored_bytes_per_layer(model, method, tokens, batch, value_dtype)
 
 
-def attended_keys(method: KVMethod, context):
-    """Keys a decode query attends to: all of them, or the kept old tokens plus the window (H2O/streaming)."""
-    context = np.asarray(context)
+def attended_keys(method: KVMethod, past):
+    """Keys the next token's query attends to after `past` cached tokens: all past + 1, or for H2O/streaming the
+    kept old tokens plus the rest (the cache compresses after each forward, so the step sees done(past))."""
+    past = np.asarray(past)
     if method.kind in ("h2o", "streaming"):
-        done = compressed_tokens(method, context)
-        return context - done + kept_tokens(method, done)
-    return context
+        done = compressed_tokens(method, past)
+        return past + 1 - done + kept_tokens(method, done)
+    return past + 1
+
+
+def decode_read_bytes_per_layer(model: ModelSpec, method: KVMethod, past, batch=1, value_dtype: str = "bf16"):
+    """What a decode step reads from one layer's cache: the history as stored after `past` tokens plus the new
+    token's dense K/V."""
+    vb = get_dtype(value_dtype).bits // 8
+    return kv_stored_bytes_per_layer(model, method, past, batch, value_dtype) \
+        + batch * 2 * model.num_kv_heads * model.head_dim * vb

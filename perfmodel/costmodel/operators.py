@@ -317,7 +317,8 @@ def _compressed_attention(b: _Builder, L, B, T, P, method, flash, phase):
     """Attention over a compressed cache. Prefill attends densely, then compresses everything but the window;
     a decode step reads the compressed history (decompressing it on chip: one FLOP per element restored) and
     the dense window, and compresses the token that leaves the window."""
-    from perfmodel.costmodel.kv_compression import attended_keys, compressed_tokens, kv_stored_bytes_per_layer
+    from perfmodel.costmodel.kv_compression import (attended_keys, compressed_tokens, decode_read_bytes_per_layer,
+                                                    kv_stored_bytes_per_layer)
 
     m, a = b.m, b.a
     nq, nkv, d = m.num_heads, m.num_kv_heads, m.head_dim
@@ -330,11 +331,10 @@ def _compressed_attention(b: _Builder, L, B, T, P, method, flash, phase):
                         kv_read_bytes=B * done * kv_tok, kv_write_bytes=stored - B * (np.asarray(P) + T - done)
                         * kv_tok))
         return
-    ctx = np.asarray(P) + T
-    keys = attended_keys(method, ctx)
+    keys = attended_keys(method, P)
     pairs = B * T * keys * nq  # a decode step: every kept key
-    done = compressed_tokens(method, ctx)
-    read = kv_stored_bytes_per_layer(m, method, ctx, B, b.p.kv_cache)
+    done = compressed_tokens(method, P)  # the cache compresses after each forward
+    read = decode_read_bytes_per_layer(m, method, P, B, b.p.kv_cache)
     restored = B * done * 2 * nkv * d if method.kind in ("per-token", "per-channel", "kivi") else 0
     flops = pairs * (4 * d + FLOPS_PER_ELEMENT["softmax"]) + restored
     b.ops.append(Op("attention", "attention", L, flops, act_read_bytes=B * T * nq * d * a, kv_read_bytes=read,

@@ -239,12 +239,20 @@ class Transformer:
         # under a sliding window only the band the new queries can see is read
         first = max(0, P - s.sliding_window + 1) if s.sliding_window else 0
         alive = None
-        if hasattr(cache, "read"):  # a compressing cache: attention reads its storage back
-            kc, vc, alive = cache.read(i, first, P + T)
+        if hasattr(cache, "read"):  # a compressing cache: attention reads its storage back every step
+            t0 = tr.start()
+            kc, vc, alive, stored = cache.read(i, first, P + T)
+            if stored:
+                restored = 2 * B * nkv * min(cache.done - first, P + T - first) * d
+                tr.record(t0, "kv_decompress", "memory", i, restored, kv_read_bytes=stored,
+                          act_write_bytes=restored * kc.itemsize)
         else:
             kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
         mask = mask[..., first:]
-        pairs = int(mask.sum()) * nq  # (query, key) pairs the mask keeps, over all heads and sequences
+        if alive is None:  # (query, key) pairs the mask keeps, over all heads and sequences
+            pairs = int(mask.sum()) * nq
+        else:  # evicted keys too are out of reach, per KV head
+            pairs = int((mask & alive[:, :, None, :]).sum()) * (nq // nkv)
         if self.flash:
             t0 = tr.start()
             out = be.sdpa(q, kc, vc, be.torch.as_tensor(mask, device=be.device), nkv != nq)  # q pre-scaled

@@ -2,9 +2,13 @@
 
 Pruning (per-token / per-channel) keeps each old token's (or channel group's) most important elements in the
 bitmap tile format; KIVI stores old tokens as packed 2/4-bit codes with fp16 scales and zero points; H2O and
-StreamingLLM evict whole tokens (masked out of attention). The dense buffers the base class allocates stay as
-scratch; the cache's size is what `stored_bytes()` measures: the arrays that hold the compressed history plus
-the dense window.
+StreamingLLM evict whole tokens (masked out of attention). Every decode step reads the compressed storage back
+(decompressing the tiles, dequantising the codes): no dense copy of the history is kept. The dense buffers the
+base class allocates hold only the window (older rows are stale scratch); the cache's size is what
+`stored_bytes()` measures: the arrays that hold the compressed history plus the dense window.
+
+Storage runs token-group-major ([token group, batch, kv_head, ...]) so the chunks compressed at different steps
+simply concatenate.
 """
 
 from __future__ import annotations
@@ -12,19 +16,18 @@ from __future__ import annotations
 import numpy as np
 
 from perfmodel.engine.transformer import KVCache
+from perfmodel.errors import PerfmodelError
 from perfmodel.kvcache import bitmap
 from perfmodel.kvcache.methods import KVMethod
 
-SCALE_BYTES = 2  # fp16 scales and zero points
-
 
 class CompressedKVCache(KVCache):
+    capture: list | None = None  # set to [] to record each layer's attention output per forward
+
     def __init__(self, be, spec, batch: int, max_tokens: int, method: KVMethod):
         if be.name != "numpy":
-            from perfmodel.errors import PerfmodelError
             raise PerfmodelError("KV compression runs on the numpy backend")
         if method.kind in ("per-token", "per-channel") and spec.head_dim % bitmap.TILE:
-            from perfmodel.errors import PerfmodelError
             raise PerfmodelError(f"--kv-prune: pruning tiles are {bitmap.TILE} channels of one token; head_dim "
                                  f"{spec.head_dim} of {spec.name} is not a multiple of {bitmap.TILE}")
         super().__init__(be, spec, batch, max_tokens)
@@ -34,16 +37,12 @@ class CompressedKVCache(KVCache):
         self.done = 0  # tokens [0, done) have left the window and been compressed / considered
         self.ck = [bitmap.BitmapTiles.empty(np.float32) for _ in range(L)]
         self.cv = [bitmap.BitmapTiles.empty(np.float32) for _ in range(L)]
-        self.quant: list[dict] = [{} for _ in range(L)]  # kivi: packed codes + scales per stream
+        self.quant: list[dict] = [{} for _ in range(L)]  # kivi: packed codes, scales, zero points per stream
         self.alive = np.ones((B, nkv, max_tokens), dtype=bool)  # h2o / streaming evictions
         w = method.window
         self.q_ring = np.zeros((L, max(w, 1), B, nkv, d), dtype=np.float32)  # |q| of the last `window` queries
         self.q_pos = 0
         self.attn_acc = np.zeros((L, B, nkv, max_tokens), dtype=np.float32)  # attention each token received
-        self.dense_view: list = [None] * L  # [B, nkv, done, d] K/V reconstructed from storage
-        self.vdense_view: list = [None] * L
-
-    capture: list | None = None  # set to [] to record each layer's attention output per forward
 
     def record_output(self, layer: int, out) -> None:
         if self.capture is not None:
@@ -65,18 +64,29 @@ class CompressedKVCache(KVCache):
         self.q_pos += T
 
     def read(self, layer: int, first: int, end: int):
-        """K, V [B, nkv, end-first, d] as attention sees them, and the alive mask [B, nkv, keys] or None."""
+        """K, V [B, nkv, end-first, d] as attention sees them, the alive mask [B, nkv, keys] or None, and the
+        bytes of compressed storage read to produce them (0 when nothing is compressed)."""
         k, v = self.k[layer][:, :, first:end], self.v[layer][:, :, first:end]
-        if self.done and self.method.kind in ("per-token", "per-channel", "kivi"):
-            k, v = k.copy(), v.copy()
-            n = min(self.done, end) - first
-            if n > 0:
-                k[:, :, :n] = self.dense_view[layer][:, :, first:first + n]
-                v[:, :, :n] = self.vdense_view[layer][:, :, first:first + n]
-        alive = None
-        if self.method.kind in ("h2o", "streaming"):
-            alive = self.alive[:, :, first:end]
-        return k, v, alive
+        alive = self.alive[:, :, first:end] if self.method.kind in ("h2o", "streaming") else None
+        n = min(self.done, end) - first
+        if n <= 0 or self.method.kind not in ("per-token", "per-channel", "kivi"):
+            return k, v, alive, 0
+        hist_k, hist_v, nbytes = self._decode_history(layer)
+        k = np.concatenate([hist_k[:, :, first:first + n], k[:, :, n:]], axis=2)
+        v = np.concatenate([hist_v[:, :, first:first + n], v[:, :, n:]], axis=2)
+        return k, v, alive, nbytes
+
+    def _decode_history(self, i: int):
+        """The compressed tokens [0, done) back to dense [B, nkv, done, d], from the stored arrays."""
+        m, B, H, d, n = self.method, self.B, self.nkv, self.d, self.done
+        if m.kind == "kivi":
+            q = self.quant[i]
+            kd = _dequantise(q["k_codes"], q["k_scale"], q["k_zero"], m.bits, m.group, B, H, n, d, "channel")
+            vd = _dequantise(q["v_codes"], q["v_scale"], q["v_zero"], m.bits, m.group, B, H, n, d, "token")
+            return kd, vd, sum(a.nbytes for a in q.values())
+        kd = _from_tiles(bitmap.decompress(self.ck[i]), m.kind, B, H, n, d)
+        vd = _from_tiles(bitmap.decompress(self.cv[i]), m.kind, B, H, n, d)
+        return kd, vd, self.ck[i].nbytes + self.cv[i].nbytes
 
     # --- compression as tokens leave the window -------------------------------------------------
     def after_forward(self) -> None:
@@ -100,27 +110,18 @@ class CompressedKVCache(KVCache):
             self._evict(i, hi)
             return
         if m.kind == "kivi":
-            kq, kd = _kivi(kseg, m.bits, m.group, axis="channel")
-            vq, vd = _kivi(vseg, m.bits, m.group, axis="token")
             q = self.quant[i]
-            for name, part in (("k", kq), ("v", vq)):
-                for key, arr in part.items():
-                    q[f"{name}_{key}"] = np.concatenate([q[f"{name}_{key}"], arr]) if f"{name}_{key}" in q else arr
-            self._append_view(i, kd, vd)
+            for name, seg, axis in (("k", kseg, "channel"), ("v", vseg, "token")):
+                for key, arr in _quantise(seg, m.bits, m.group, axis).items():
+                    full = f"{name}_{key}"
+                    q[full] = np.concatenate([q[full], arr]) if full in q else arr
             return
         qsum = self.q_ring[i].sum(axis=0)  # [B, nkv, d]
         att = self.attn_acc[i][:, :, lo:hi]  # [B, nkv, n]
         kscore = np.abs(kseg) * (qsum[:, :, None, :] if m.score == "output" else 1.0)
         vscore = np.abs(vseg) * (att[..., None] if m.score == "output" else 1.0)
-        ktiles, kdense = _prune(kseg, kscore, m.k_sparsity, m.kind)
-        vtiles, vdense = _prune(vseg, vscore, m.v_sparsity, m.kind)
-        self.ck[i] = bitmap.concat(self.ck[i], ktiles)
-        self.cv[i] = bitmap.concat(self.cv[i], vtiles)
-        self._append_view(i, kdense, vdense)
-
-    def _append_view(self, i, kd, vd):
-        self.dense_view[i] = kd if self.dense_view[i] is None else np.concatenate([self.dense_view[i], kd], axis=2)
-        self.vdense_view[i] = vd if self.vdense_view[i] is None else np.concatenate([self.vdense_view[i], vd], axis=2)
+        self.ck[i] = bitmap.concat(self.ck[i], _prune(kseg, kscore, m.k_sparsity, m.kind))
+        self.cv[i] = bitmap.concat(self.cv[i], _prune(vseg, vscore, m.v_sparsity, m.kind))
 
     def _evict(self, i: int, hi: int) -> None:
         """Keep (1-s) of the tokens that left the window: heavy hitters (H2O) or the first sinks (StreamingLLM)."""
@@ -154,49 +155,58 @@ class CompressedKVCache(KVCache):
         return window + layers * kept * (2 * self.d * vb + 4)
 
 
-def _prune(seg: np.ndarray, score: np.ndarray, sparsity: float, kind: str):
-    """Keep the top elements of every 64-element tile: per-token tiles run along channels, per-channel tiles
-    along 64 tokens of one channel. Returns the tile format and the dense view with zeros where pruned."""
-    B, H, n, d = seg.shape
+def _tiles_view(x: np.ndarray, kind: str) -> np.ndarray:
+    """[B, H, n, d] -> token-group-major tiles of 64: per-token [n, B, H, d/64, 64]; per-channel
+    [n/64, B, H, d, 64] (64 tokens of one channel)."""
+    B, H, n, d = x.shape
     if kind == "per-token":
-        tiles, sc = seg.reshape(-1, bitmap.TILE), score.reshape(-1, bitmap.TILE)
-    else:  # [B, H, n/64, 64, d] -> channel-major tiles of 64 tokens
-        tiles = seg.reshape(B, H, n // bitmap.TILE, bitmap.TILE, d).transpose(0, 1, 2, 4, 3).reshape(-1, bitmap.TILE)
-        sc = score.reshape(B, H, n // bitmap.TILE, bitmap.TILE, d).transpose(0, 1, 2, 4, 3).reshape(-1, bitmap.TILE)
+        return x.transpose(2, 0, 1, 3).reshape(-1, bitmap.TILE)
+    return x.reshape(B, H, n // bitmap.TILE, bitmap.TILE, d).transpose(2, 0, 1, 4, 3).reshape(-1, bitmap.TILE)
+
+
+def _from_tiles(tiles: np.ndarray, kind: str, B: int, H: int, n: int, d: int) -> np.ndarray:
+    if kind == "per-token":
+        return tiles.reshape(n, B, H, d).transpose(1, 2, 0, 3)
+    return tiles.reshape(n // bitmap.TILE, B, H, d, bitmap.TILE).transpose(1, 2, 0, 4, 3).reshape(B, H, n, d)
+
+
+def _prune(seg: np.ndarray, score: np.ndarray, sparsity: float, kind: str) -> bitmap.BitmapTiles:
+    """Keep the top `kept` elements of every 64-element tile, stored in the tile format."""
+    tiles, sc = np.ascontiguousarray(_tiles_view(seg, kind)), _tiles_view(score, kind)
     kept = bitmap.kept_per_tile(sparsity)
     idx = np.argpartition(-sc, kept - 1, axis=1)[:, :kept]
     keep = np.zeros(tiles.shape, dtype=bool)
     np.put_along_axis(keep, idx, True, axis=1)
-    t = bitmap.compress(np.ascontiguousarray(tiles), keep)
-    dense = np.where(keep, tiles, 0)
-    if kind == "per-token":
-        dense = dense.reshape(B, H, n, d)
-    else:
-        dense = dense.reshape(B, H, n // bitmap.TILE, d, bitmap.TILE).transpose(0, 1, 2, 4, 3).reshape(B, H, n, d)
-    return t, dense.astype(seg.dtype)
+    return bitmap.compress(tiles, keep)
 
 
-def _kivi(seg: np.ndarray, bits: int, group: int, axis: str):
-    """Asymmetric uniform quantisation in groups of `group` (K per channel over tokens, V per token over
-    channels); codes packed 8/bits to a byte, fp16 scale and zero point per group."""
+def _groups(seg: np.ndarray, group: int, axis: str) -> np.ndarray:
+    """Quantisation groups, token-group-major: K per channel over `group` tokens, V per token over channels."""
     B, H, n, d = seg.shape
     if axis == "channel":
-        g = seg.reshape(B, H, n // group, group, d).transpose(0, 1, 2, 4, 3).reshape(-1, group)
-    else:
-        g = seg.reshape(-1, group)
+        return seg.reshape(B, H, n // group, group, d).transpose(2, 0, 1, 4, 3).reshape(-1, group)
+    return seg.transpose(2, 0, 1, 3).reshape(-1, group)
+
+
+def _quantise(seg: np.ndarray, bits: int, group: int, axis: str) -> dict:
+    """Asymmetric uniform quantisation (KIVI): codes packed 8/bits to a byte, fp16 scale and zero per group."""
+    g = _groups(seg, group, axis)
     lo, hi = g.min(axis=1, keepdims=True), g.max(axis=1, keepdims=True)
     levels = 2 ** bits - 1
     scale = np.maximum(hi - lo, 1e-8) / levels
     codes = np.clip(np.rint((g - lo) / scale), 0, levels).astype(np.uint8)
-    per_byte = 8 // bits
-    flat = codes.reshape(-1, per_byte)
+    flat = codes.reshape(-1, 8 // bits)
     packed = np.zeros(flat.shape[0], dtype=np.uint8)
-    for j in range(per_byte):
+    for j in range(flat.shape[1]):
         packed |= (flat[:, j] << (bits * j)).astype(np.uint8)
-    scale16, lo16 = scale.astype(np.float16), lo.astype(np.float16)
-    deq = (codes * scale16.astype(np.float32) + lo16.astype(np.float32)).astype(seg.dtype)
+    return {"codes": packed, "scale": scale.astype(np.float16).reshape(-1), "zero": lo.astype(np.float16).reshape(-1)}
+
+
+def _dequantise(packed, scale, zero, bits: int, group: int, B: int, H: int, n: int, d: int, axis: str):
+    per_byte = 8 // bits
+    codes = (packed[:, None] >> (bits * np.arange(per_byte, dtype=np.uint8))) & np.uint8(2 ** bits - 1)
+    g = codes.reshape(-1, group).astype(np.float32) * scale.astype(np.float32)[:, None] \
+        + zero.astype(np.float32)[:, None]
     if axis == "channel":
-        deq = deq.reshape(B, H, n // group, d, group).transpose(0, 1, 2, 4, 3).reshape(B, H, n, d)
-    else:
-        deq = deq.reshape(B, H, n, d)
-    return {"codes": packed, "scale": scale16.reshape(-1), "zero": lo16.reshape(-1)}, deq
+        return g.reshape(n // group, B, H, d, group).transpose(1, 2, 0, 4, 3).reshape(B, H, n, d)
+    return g.reshape(n, B, H, d).transpose(1, 2, 0, 3)
