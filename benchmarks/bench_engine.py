@@ -33,7 +33,7 @@ def main() -> None:
     from perfmodel.costmodel.operators import Precision, phase_ops
     from perfmodel.engine.backend import make_backend
     from perfmodel.engine.loading import load_engine_model
-    from perfmodel.engine.membw import stream_bandwidth
+    from perfmodel.engine.membw import bandwidths
     from perfmodel.engine.transformer import KVCache, Transformer
 
     spec, weights, tok = load_engine_model("smollm2-135m")
@@ -89,7 +89,7 @@ def main() -> None:
         dec = statistics.median(hf_decode() for _ in range(args.repeats)) / args.decode
     results["transformers eager"] = (pre, dec)
 
-    bw = stream_bandwidth()
+    bw = bandwidths(512 * 2**20, repeats=5)["copy_gbps"] * 1e9
     p32 = Precision("fp32", "fp32", "fp32")
     step_bytes = sum(int(o.weight_bytes + o.kv_read_bytes) * o.layers
                      for o in phase_ops(spec, 1, 1, args.prompt + args.decode // 2, p32))

@@ -1,4 +1,4 @@
-"""Streaming memory bandwidth of this machine: a large copy reads and writes every byte once."""
+"""Memory bandwidth of this machine, from large numpy operations well beyond the caches (best of N)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,21 @@ import time
 import numpy as np
 
 
-def stream_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Best-of-N bytes/s of a numpy copy of an array well beyond the caches (bytes read + written)."""
+def bandwidths(nbytes: int = 256 * 2**20, repeats: int = 3) -> dict:
+    """GB/s of a read (sum), a copy (read + write) and an elementwise add (two reads, one write)."""
     a = np.ones(nbytes // 4, dtype=np.float32)
-    b = np.empty_like(a)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.nbytes / best
+    b = np.ones_like(a)
+    c = np.empty_like(a)
+
+    def best(fn):
+        fn()
+        t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    return {"read_gbps": a.nbytes / best(a.sum) / 1e9,
+            "copy_gbps": 2 * a.nbytes / best(lambda: np.copyto(c, a)) / 1e9,
+            "elementwise_gbps": 3 * a.nbytes / best(lambda: np.add(a, b, out=c)) / 1e9}

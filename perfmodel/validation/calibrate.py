@@ -3,7 +3,7 @@
 What is measured, and how it enters the model (a few interpretable numbers, no black box):
 - matmul FLOP/s per dtype over square and skinny shapes -> peak_tflops (the best achieved) and
   matmul_half_dim h, the smallest-dimension scale at which a matmul reaches half its peak: eff = d / (d + h);
-- streaming read bandwidth (a large sum) -> memory bandwidth; an elementwise add's bandwidth -> the
+- streaming read bandwidth (a large sum, perfmodel.engine.membw) -> memory bandwidth; an elementwise add's bandwidth -> the
   elementwise_memory fraction;
 - the engine's own softmax on cache-resident data -> vector_tflops (elementwise FLOP rate);
 - each engine backend's operators on tiny tensors -> kind_overhead_us, the dispatch cost per operator kind;
@@ -75,16 +75,6 @@ def fit_half_dim(points: list[dict], peak: float, bandwidth: float) -> float:
         if err < best_err:
             best_h, best_err = float(h), err
     return best_h
-
-
-def bandwidths(nbytes: int = 256 * 2**20) -> dict:
-    """Read bandwidth (sum) and elementwise bandwidth (a + b -> c: two reads, one write)."""
-    a = np.ones(nbytes // 4, dtype=np.float32)
-    b = np.ones_like(a)
-    c = np.empty_like(a)
-    t_read = _best_time(lambda: a.sum(), repeats=3, min_time=0.0)
-    t_add = _best_time(lambda: np.add(a, b, out=c), repeats=3, min_time=0.0)
-    return {"read_gbps": a.nbytes / t_read / 1e9, "elementwise_gbps": 3 * a.nbytes / t_add / 1e9}
 
 
 def vector_tflops(backend: str) -> float:
@@ -278,6 +268,8 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
             backends = tuple(b for b in backends if b != "torch")
     gpu = nvidia_gpu()
     step = progress or (lambda *a: None)
+    from perfmodel.engine.membw import bandwidths
+
     bw = bandwidths()
     step("bandwidth")
     engines: dict = {}

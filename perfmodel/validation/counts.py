@@ -39,16 +39,16 @@ def engine_totals(records: list[OpRecord]) -> dict:
     return out
 
 
+def op_totals(ops) -> dict:
+    """op name -> field -> the operator's total over its layers (integers), plus its layer count."""
+    return {o.name: {**{f: int(np.rint(np.asarray(getattr(o, f)) * o.layers)) for f in FIELDS}, "calls": o.layers}
+            for o in ops}
+
+
 def model_totals(spec: ModelSpec, batch: int, new: int, past: int, precision: Precision, flash: bool,
                  experts_touched=None, all_logits: bool = False) -> dict:
-    ops = phase_ops(spec, batch, new, past, precision, flash, experts_touched=experts_touched,
-                    all_logits=all_logits, phase="prefill" if past == 0 and new > 1 else None)
-    out: dict = {}
-    for o in ops:
-        out[o.name] = {f: int(np.rint(np.asarray(getattr(o, "flops" if f == "flops" else f)) * o.layers))
-                       for f in FIELDS}
-        out[o.name]["calls"] = o.layers
-    return out
+    return op_totals(phase_ops(spec, batch, new, past, precision, flash, experts_touched=experts_touched,
+                               all_logits=all_logits, phase="prefill" if past == 0 and new > 1 else None))
 
 
 def compare_generation(spec: ModelSpec, records: list[OpRecord], batch: int, prompt_len: int,

@@ -17,7 +17,7 @@ import numpy as np
 from perfmodel.costmodel.operators import Precision, phase_ops
 from perfmodel.costmodel.roofline import op_timings
 from perfmodel.specs.hardware import HardwareSpec
-from perfmodel.validation.counts import FIELDS
+from perfmodel.validation.counts import FIELDS, engine_totals, op_totals
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,6 @@ def _median_by_op(runs: list[list]) -> dict:
     return {n: statistics.median(run[n] for run in per_run) for n in names}
 
 
-def _counts(recs) -> dict:
-    out: dict = defaultdict(lambda: defaultdict(int))
-    for r in recs:
-        for f in FIELDS:
-            out[r.name][f] += getattr(r, f)
-    return out
-
-
 def run_case(case: Case, hw: HardwareSpec, repeats: int = 3, loaded: dict | None = None,
              progress=None) -> CaseResult:
     from perfmodel.engine.backend import make_backend
@@ -129,7 +121,9 @@ def run_case(case: Case, hw: HardwareSpec, repeats: int = 3, loaded: dict | None
                 runs.append(list(tr.records))
                 walls.append(wall)
         touched = list(tr.experts_touched)
-        return _median_by_op(runs), statistics.median(walls), _counts(runs[-1]), touched
+        # one forward: every record shares the tracer's phase and step
+        counts = next(iter(engine_totals(runs[-1]).values()))
+        return _median_by_op(runs), statistics.median(walls), counts, touched
 
     import contextlib
 
@@ -145,8 +139,9 @@ def run_case(case: Case, hw: HardwareSpec, repeats: int = 3, loaded: dict | None
             ops = phase_ops(spec, case.batch, new, past, precision, case.flash, experts_touched=touched_mean,
                             include_sampling=False, phase=phase)
             timings = {t.op.name: t for t in op_timings(ops, hw_e, precision)}
+            totals = op_totals(ops)
             for name, t in timings.items():
-                model_counts = {f: int(np.rint(np.asarray(getattr(t.op, f)) * t.op.layers)) for f in FIELDS}
+                model_counts = totals[name]
                 for f in FIELDS:
                     if counts[name][f] != model_counts[f]:
                         res.mismatches.append(f"{case.label} {phase} past={past} {name}.{f}: engine "
