@@ -42,6 +42,20 @@ class Efficiency:
 
 
 @dataclass(frozen=True)
+class MemoryLevel:
+    """One on-chip level of the memory hierarchy (L2, last-level cache, SRAM): what it holds and how fast all
+    threads (or SMs) together read from it. Main memory is the HardwareSpec's own capacity and bandwidth."""
+
+    name: str
+    capacity_bytes: float
+    bandwidth_gbps: float
+
+    @property
+    def bandwidth(self) -> float:
+        return self.bandwidth_gbps * 1e9
+
+
+@dataclass(frozen=True)
 class Interconnect:
     name: str
     bandwidth_gbps: float  # per direction, per device
@@ -61,6 +75,14 @@ class HardwareSpec:
     onchip_cache_mb: float | None = None
     interconnect: Interconnect | None = None
     launch_overhead_us: float = 4.0
+    # on-chip levels, smallest first (YAML memory.levels); an operator's bytes come from the smallest level
+    # that holds its working set at the reuse distance that matters (perfmodel.costmodel.hierarchy)
+    memory_levels: tuple[MemoryLevel, ...] = ()
+    # graph / fused execution: a kernel still costs at least kernel_min_us, and a step costs one launch
+    kernel_min_us: float = 0.0
+    graph_launch_us: float | None = None  # None: launch_overhead_us
+    # host time per serving step outside the forward pass (scheduling, batching, sampling)
+    host_overhead_us: float = 0.0
     efficiency: Efficiency = field(default_factory=Efficiency)
     optimistic: Efficiency | None = None
     pessimistic: Efficiency | None = None
@@ -156,6 +178,11 @@ def hardware_from_dict(d: dict, where: str = "hardware") -> HardwareSpec:
             interconnect=Interconnect(str(ic["name"]), float(ic["bandwidth_gbps"]), float(ic["latency_us"]))
             if ic else None,
             launch_overhead_us=float(d.get("launch_overhead_us", 4.0)),
+            memory_levels=tuple(MemoryLevel(str(lv["name"]), float(lv["capacity_mb"]) * 2**20,
+                                            float(lv["bandwidth_gbps"])) for lv in mem.get("levels") or ()),
+            kernel_min_us=float(d.get("kernel_min_us", 0.0)),
+            graph_launch_us=None if d.get("graph_launch_us") is None else float(d["graph_launch_us"]),
+            host_overhead_us=float(d.get("host_overhead_us", 0.0)),
             efficiency=eff,
             optimistic=_eff((d.get("efficiency") or {}).get("optimistic"), eff, where),
             pessimistic=_eff((d.get("efficiency") or {}).get("pessimistic"), eff, where),
