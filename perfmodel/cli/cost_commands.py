@@ -8,6 +8,7 @@ import typer
 
 from perfmodel.cli.app import app
 from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
+from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime
 from perfmodel.errors import PerfmodelError, bad_value
 from perfmodel.output import atomic_write, check_format, emit, print_table, seconds, si
 
@@ -28,6 +29,7 @@ def analyze(
     efficiency: str = typer.Option("nominal", help="nominal | optimistic | pessimistic efficiency factors"),
     kv_prune: str = typer.Option("dense", help="KV compression: per-token:0.7, per-channel:0.5:output, kivi:2, "
                                                "h2o:0.7, streaming:0.7"),
+    exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Per-operator FLOPs, bytes, time and bound for prefill and decode, with the request summary."""
@@ -38,11 +40,12 @@ def analyze(
 
     check_format(format)
     precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
-    hw = load_hardware(hardware).with_efficiency(efficiency)
+    hw, mode, prof = runtime(load_hardware(hardware).with_efficiency(efficiency), exec, framework)
     method = KVMethod.parse(kv_prune)
     a = run_analysis(load_model(model), hw, Workload(batch, input, output), precision, flash,
-                     None if method.kind == "dense" else method)
+                     None if method.kind == "dense" else method, exec_mode=mode)
     result = a.to_dict()
+    result["framework"] = prof.name if prof else None
     if emit(format, result, result["ops"]):
         return
     _print_analysis(result)
@@ -57,7 +60,8 @@ def _print_analysis(r: dict) -> None:
             "arithmetic_intensity": ("FLOP/B", lambda v: f"{v:.1f}"),
             "time_s": ("time", seconds), "bound": ("bound", str)}
     w = r["workload"]
-    print_table(r["ops"], title=f"{r['model']} on {r['hardware']}: batch {w['batch']}, input {w['input']}, "
+    run = f"{r['exec_mode']}" + (f", {r['framework']}" if r.get("framework") else "")
+    print_table(r["ops"], title=f"{r['model']} on {r['hardware']} ({run}): batch {w['batch']}, input {w['input']}, "
                                 f"output {w['output']} (decode rows: totals over all steps)", columns=cols)
     phases = [{"phase": ph, **{k: r[ph][k] for k in ("flops", "bytes", "time_s", "bound")}}
               for ph in ("prefill", "decode")]
@@ -123,6 +127,7 @@ def sweep_cmd(
     weight_dtype: str = typer.Option(None),
     kv_dtype: str = typer.Option(None),
     flash: bool = typer.Option(True, "--flash/--no-flash"),
+    exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     out: Path = typer.Option(None, help="write the grid to FILE.csv or FILE.parquet"),
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
@@ -137,13 +142,14 @@ def sweep_cmd(
     if out is not None and out.suffix not in (".csv", ".parquet"):
         raise bad_value("--out", str(out), "a path ending in .csv or .parquet")
     models_ = [load_model(x) for x in name_list(model)]
-    hws = [load_hardware(x) for x in name_list(hardware)]
+    resolved = [runtime(load_hardware(x), exec, framework) for x in name_list(hardware)]
+    hws, mode = [r[0] for r in resolved], resolved[0][1]
     precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
     grid = (int_list("--batch", batch), int_list("--input", input), int_list("--output", output))
     with Progress(transient=True, disable=format != "table") as prog:
         task = prog.add_task("sweeping", total=len(models_) * len(hws))
         df = sweep(models_, hws, *grid, precision=precision, flash=flash,
-                   progress=lambda: prog.advance(task))
+                   progress=lambda: prog.advance(task), exec_mode=mode)
     if out is not None:
         if out.suffix == ".parquet":
             try:
@@ -165,3 +171,20 @@ def sweep_cmd(
     print_table(shown, title=f"sweep: {len(rows)} points" + (f" (first 200; all in {out})" if len(rows) > 200 and out
                                                              else " (first 200)" if len(rows) > 200 else ""),
                 columns=cols)
+
+
+@app.command("frameworks")
+def frameworks_list(format: str = typer.Option("table", "--format", help=FORMAT_HELP)) -> None:
+    """Serving-framework profiles (perfmodel/frameworks/*.yaml): execution mode, host overhead, formats."""
+    from perfmodel.frameworks import list_frameworks
+
+    check_format(format)
+    rows = [{"name": f.name, "version": f.version, "exec": f.exec_mode,
+             "host_overhead_us": f.host_overhead_us.get("default", 0.0), "kv_block_tokens": f.kv_block_tokens,
+             "weight_formats": ",".join(f.weight_formats), "native_compute": ",".join(f.native_compute),
+             "efficiency": "fitted" if str(f.provenance.get("efficiency", "")).lower().startswith("fitted")
+             else "unfitted"}
+            for f in list_frameworks()]
+    if emit(format, [f.to_dict() for f in list_frameworks()] if format == "json" else rows, rows):
+        return
+    print_table(rows, title="Framework profiles", columns={k: (k, str) for k in rows[0]})

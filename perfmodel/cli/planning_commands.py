@@ -8,6 +8,7 @@ import typer
 
 from perfmodel.cli.app import app
 from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
+from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime
 from perfmodel.errors import PerfmodelError, bad_value
 from perfmodel.output import check_format, console, emit, print_table, seconds, si
 
@@ -43,6 +44,7 @@ def plan(
     percentile: float = typer.Option(90.0, help="the SLO holds for this percentile of request lengths"),
     dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
     max_tp: int = typer.Option(8), max_pp: int = typer.Option(4),
+    exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """The cheapest deployment (tensor/pipeline degree, batch, replicas) that meets the TTFT and TPOT SLOs."""
@@ -63,8 +65,10 @@ def plan(
     if not m.is_decoder_only:
         raise PerfmodelError(f"--model: plan serves decoder-only models; {m.name} is {m.architecture} "
                              "(use analyze for its request cost)")
-    result = run_plan(m, load_hardware(hardware), PlanInput(np.asarray(inp), np.asarray(out), rate),
-                      check_slo(SLO(ttft, tpot, percentile)), _precision(dtype, weight_dtype, kv_dtype), max_tp, max_pp)
+    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
+    result = run_plan(m, hw, PlanInput(np.asarray(inp), np.asarray(out), rate),
+                      check_slo(SLO(ttft, tpot, percentile)), _precision(dtype, weight_dtype, kv_dtype), max_tp, max_pp,
+                      exec_mode=mode)
     if emit(format, result, result["options"]):
         return
     c = console()
@@ -104,6 +108,7 @@ def simulate(
     chunked_prefill: int = typer.Option(0, help="prefill token budget per iteration (0: off)"),
     ttft: float = typer.Option(None, help="TTFT SLO for goodput"), tpot: float = typer.Option(None),
     dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
+    exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     seed: int = typer.Option(0), format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Discrete-event simulation of continuous batching with a paged KV budget: latency percentiles, goodput."""
@@ -121,7 +126,8 @@ def simulate(
     m = load_model(model)
     par = Parallelism(tp=tp, pp=pp)
     par.check(m)
-    dep = Deployment(m, load_hardware(hardware), par, _precision(dtype, weight_dtype, kv_dtype))
+    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
+    dep = Deployment(m, hw, par, _precision(dtype, weight_dtype, kv_dtype), exec_mode=mode)
     r = run_sim(dep, reqs, SchedulerConfig(max_batch, block_tokens, chunked_prefill), ttft, tpot)
     rows = [{"metric": k, "p50": r[k]["p50"], "p90": r[k]["p90"], "p99": r[k]["p99"]} for k in ("ttft_s", "tpot_s", "e2e_s")]
     if emit(format, r, rows):
@@ -141,6 +147,7 @@ def speculative(
     model: str = typer.Option("llama-3.1-70b", help="target model"), draft: str = typer.Option("llama-3.1-8b"),
     hardware: str = typer.Option(DEFAULT_HARDWARE), alpha: str = typer.Option("0.6,0.7,0.8,0.9"),
     gamma: str = typer.Option("1,2,4,6,8"), context: int = typer.Option(1024), batch: int = typer.Option(1),
+    exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Expected speed-up of speculative decoding: tokens per target step (1-α^(γ+1))/(1-α) against the cost."""
@@ -152,8 +159,9 @@ def speculative(
         alphas = [float(a) for a in name_list(alpha)]
     except ValueError:
         raise bad_value("--alpha", alpha, "numbers in [0, 1], comma-separated") from None
-    t, d, hw = load_model(model), load_model(draft), load_hardware(hardware)
-    rows = [run(t, d, hw, a, g, context, batch) for a in alphas for g in int_list("--gamma", gamma)]
+    t, d = load_model(model), load_model(draft)
+    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
+    rows = [run(t, d, hw, a, g, context, batch, exec_mode=mode) for a in alphas for g in int_list("--gamma", gamma)]
     if emit(format, rows):
         return
     print_table(rows, title=f"speculative decoding: {t.name} with draft {d.name} on {hw.name}, context {context}",
@@ -171,6 +179,7 @@ def compare(
     batch: int = typer.Option(16, help="batch for the table"),
     dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
     out_dir: Path = typer.Option(None, help="plots folder (default: reports/compare-<model>)"),
+    exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """One model and workload across accelerators: latency, throughput, memory headroom, cost per million tokens."""
@@ -179,9 +188,10 @@ def compare(
 
     check_format(format)
     m = load_model(model)
-    hws = [load_hardware(h) for h in name_list(hardware)]
+    resolved = [runtime(load_hardware(h), exec, framework) for h in name_list(hardware)]
+    hws, mode = [r[0] for r in resolved], resolved[0][1]
     res = run(m, hws, input, output, batch, _precision(dtype, weight_dtype, kv_dtype),
-              out_dir or Path("reports") / f"compare-{m.name}")
+              out_dir or Path("reports") / f"compare-{m.name}", exec_mode=mode)
     if emit(format, res, res["rows"]):
         return
     money = lambda v: "n/a" if v is None else f"${v:,.2f}"  # noqa: E731
@@ -204,6 +214,7 @@ def report(
     ttft: float = typer.Option(2.0), tpot: float = typer.Option(0.05),
     name: str = typer.Option(None, help="report folder under reports/ (default <model>-<hardware>)"),
     out_root: Path = typer.Option(Path("reports"), help="where report folders go"),
+    exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """A self-contained HTML roofline report: operators on the roofline, memory, latency/throughput, table, plan."""
@@ -215,12 +226,14 @@ def report(
     from perfmodel.specs import load_hardware, load_model
 
     check_format(format)
-    m, hw = load_model(model), load_hardware(hardware)
-    a = run_analysis(m, hw, Workload(batch, input, output), _precision(dtype, weight_dtype, kv_dtype), flash)
+    m = load_model(model)
+    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
+    a = run_analysis(m, hw, Workload(batch, input, output), _precision(dtype, weight_dtype, kv_dtype), flash,
+                     exec_mode=mode)
     plan_result = None
     if m.is_decoder_only:
         plan_result = run_plan(m, hw, PlanInput(np.array([input]), np.array([output]), rate),
-                               check_slo(SLO(ttft, tpot)), a.precision)
+                               check_slo(SLO(ttft, tpot)), a.precision, exec_mode=mode)
     folder = out_root / (name or f"{m.name}-{hw.name}")
     path = build_report(a, plan_result, folder, f"{m.name} on {hw.description}")
     result = {"report": str(path), "figures": sorted(str(p) for p in folder.glob("*.png"))}

@@ -18,6 +18,14 @@ Counting conventions (the reference engine counts the same way, from its real te
 - A MoE step reads the weights of the distinct experts its tokens route to: E*(1-(1-k/E)^N) expected for N
   tokens, or the exact count when the caller knows the routing.
 
+Execution modes (perfmodel.costmodel.execution) change the operator list only in `fused` mode, where the
+fusions serving engines ship are applied: Q/K/V as one qkv_proj matmul; gate/up as one gate_up_proj matmul whose
+epilogue applies the SwiGLU/GeGLU activation (up_act_proj for a plain GELU MLP); each residual add fused with the
+norm that follows it (add_norm: the sum and the normed output are written, nothing else); RoPE and the KV-cache
+write inside FlashAttention (attention reads q and the new k/v once, the cache only for the past tokens). Fused
+intermediates are neither written nor read back. `eager` and `graph` run the same operators; they differ in
+launch costs only (perfmodel.costmodel.roofline).
+
 All shape arguments may be numpy arrays (they broadcast), so one call evaluates a whole sweep.
 """
 
@@ -70,7 +78,8 @@ class Op:
     act_write_bytes: object = 0
     kv_write_bytes: object = 0
     min_dim: object = None  # smallest matmul dimension, for shape-dependent efficiency
-    group: str = "layer"  # layer | embed | head
+    group: str = "layer"  # layer | embed | head | host
+    host_s: float = 0.0  # kind "host" only: seconds of host time (launches, glue), no FLOPs or bytes
 
     @property
     def read_bytes(self):
@@ -183,25 +192,32 @@ class _Builder:
         return tensor_bytes(n, self.p.weights)
 
     def matmul(self, name, layers, tokens, k, n, bias=False, weight_elems=None, weight_bytes=None,
-               group="layer", rows_per_weight=None):
-        """[tokens, k] x [k, n] with weights read once."""
+               group="layer", rows_per_weight=None, epilogue_flops=0, out_cols=None):
+        """[tokens, k] x [k, n] with weights read once. A fused epilogue (an activation applied before the
+        result leaves the kernel) adds epilogue_flops and writes only out_cols columns per row."""
         wb = self.wbytes(k * n if weight_elems is None else weight_elems) if weight_bytes is None else weight_bytes
-        flops = 2 * tokens * k * n + (tokens * n if bias else 0)
+        flops = 2 * tokens * k * n + (tokens * n if bias else 0) + epilogue_flops
+        cols = n if out_cols is None else out_cols
         self.ops.append(Op(name, "matmul", layers, flops, weight_bytes=wb + (n * self.a if bias else 0),
-                           act_read_bytes=tokens * k * self.a, act_write_bytes=tokens * n * self.a,
+                           act_read_bytes=tokens * k * self.a, act_write_bytes=tokens * cols * self.a,
                            min_dim=np.minimum(tokens if rows_per_weight is None else rows_per_weight, min(k, n)),
                            group=group))
 
-    def elementwise(self, name, layers, elems, per_elem, n_inputs=1, extra_read=0, weight_bytes=0, group="layer"):
+    def elementwise(self, name, layers, elems, per_elem, n_inputs=1, extra_read=0, weight_bytes=0, group="layer",
+                    extra_write=0):
         self.ops.append(Op(name, "elementwise", layers, elems * per_elem, weight_bytes=weight_bytes,
-                           act_read_bytes=n_inputs * elems * self.a + extra_read, act_write_bytes=elems * self.a,
-                           group=group))
+                           act_read_bytes=n_inputs * elems * self.a + extra_read,
+                           act_write_bytes=elems * self.a + extra_write, group=group))
 
-    def norm(self, name, layers, tokens, dim, group="layer"):
+    def norm(self, name, layers, tokens, dim, group="layer", residual=False):
+        """A norm; with residual=True the residual add before it is fused in: two inputs read, the sum (the
+        residual stream) and the normed output written."""
         kind = self.m.norm
         n_params = dim * (2 if kind == "layernorm" else 1)
-        self.elementwise(name, layers, tokens * dim, FLOPS_PER_ELEMENT[kind], weight_bytes=n_params * self.a,
-                         group=group)
+        per = FLOPS_PER_ELEMENT[kind] + (FLOPS_PER_ELEMENT["add"] if residual else 0)
+        self.elementwise(name, layers, tokens * dim, per, n_inputs=2 if residual else 1,
+                         weight_bytes=n_params * self.a, group=group,
+                         extra_write=tokens * dim * self.a if residual else 0)
 
     def attention(self, layers, batch, new, past, n_q, n_kv, d_qk, d_v, kv_read_per_key, flash, window,
                   kv_is_cache=True, causal=True, prefix=""):
@@ -239,15 +255,18 @@ class _Builder:
 def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Precision | None = None,
               flash: bool = True, experts_touched=None, all_logits: bool = False, phase: str | None = None,
               include_sampling: bool = True, causal: bool = True, head: bool = True, cache: bool = True,
-              cross_tokens=None, kv_method=None) -> list[Op]:
+              cross_tokens=None, kv_method=None, exec_mode: str = "eager") -> list[Op]:
     """Operators of one forward pass: `new_tokens` per sequence after `past_tokens` already cached.
 
     Prefill is new_tokens=input, past_tokens=0; a decode step is new_tokens=1, past_tokens=context-1.
     `phase` selects MLA's form (naive for prefill, weight-absorbed for decode); by default decode iff new_tokens==1.
     An encoder pass is causal=False, head=False, cache=False. A T5-style decoder passes cross_tokens (the encoder
     output length): each layer adds cross-attention over a cross K/V cache, projected from the encoder output in
-    the decoder's first step (phase prefill).
+    the decoder's first step (phase prefill). exec_mode "fused" applies the serving fusions (module docstring).
     """
+    from perfmodel.costmodel.execution import check_exec_mode
+
+    fuse = check_exec_mode(exec_mode) == "fused"
     p = precision or Precision()
     m = model
     b = _Builder(m, p)
@@ -270,35 +289,48 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
     b.ops.append(Op("embed", "memory", 1, emb_flops, weight_bytes=emb_read, act_read_bytes=N * INDEX_BYTES,
                     act_write_bytes=N * h * a, group="embed"))
 
-    b.norm("attn_norm", L, N, h)
+    # fused: each residual add joins the norm after it (the previous layer's MLP residual joins this layer's
+    # attn_norm), so only the first layer's input norm and the last layer's MLP residual stand alone
+    fuse_norms = fuse and cross_tokens is None
+    b.norm("attn_norm", 1 if fuse_norms else L, N, h)
     if m.is_mla:
         _mla_attention(b, L, B, T, P, N, flash, phase, kv_tok)
     else:
         nq, nkv, d = m.num_heads, m.num_kv_heads, m.head_dim
         bias = m.qkv_bias or m.linear_bias
-        b.matmul("q_proj", L, N, h, nq * d, bias=bias)
-        b.matmul("k_proj", L, N, h, nkv * d, bias=bias)
-        b.matmul("v_proj", L, N, h, nkv * d, bias=bias)
-        if m.positions == "rope":
-            b.elementwise("rope", L, N * (nq + nkv) * d, FLOPS_PER_ELEMENT["rope"], extra_read=2 * N * d * a)
-        if cache:
-            b.ops.append(Op("kv_write", "memory", L, 0, act_read_bytes=N * 2 * nkv * d * a,
-                            kv_write_bytes=N * kv_tok))
-        if kv_method is not None and kv_method.kind != "dense":
-            _compressed_attention(b, L, B, T, P, kv_method, flash, phase)
+        if fuse:
+            b.matmul("qkv_proj", L, N, h, (nq + 2 * nkv) * d, bias=bias)
         else:
-            b.attention(L, B, T, P, nq, nkv, d, d, kv_tok if cache else 2 * nkv * d * a, flash, W,
-                        kv_is_cache=cache, causal=causal)
+            b.matmul("q_proj", L, N, h, nq * d, bias=bias)
+            b.matmul("k_proj", L, N, h, nkv * d, bias=bias)
+            b.matmul("v_proj", L, N, h, nkv * d, bias=bias)
+        compressed = kv_method is not None and kv_method.kind != "dense"
+        if fuse and flash and cache and causal and not compressed:
+            _fused_attention(b, L, B, T, P, flash, W)
+        else:
+            if m.positions == "rope":
+                b.elementwise("rope", L, N * (nq + nkv) * d, FLOPS_PER_ELEMENT["rope"], extra_read=2 * N * d * a)
+            if cache:
+                b.ops.append(Op("kv_write", "memory", L, 0, act_read_bytes=N * 2 * nkv * d * a,
+                                kv_write_bytes=N * kv_tok))
+            if compressed:
+                _compressed_attention(b, L, B, T, P, kv_method, flash, phase)
+            else:
+                b.attention(L, B, T, P, nq, nkv, d, d, kv_tok if cache else 2 * nkv * d * a, flash, W,
+                            kv_is_cache=cache, causal=causal)
         b.matmul("o_proj", L, N, nq * d, h, bias=m.linear_bias)
-    b.elementwise("attn_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
-    if cross_tokens is not None:
-        _cross_attention(b, L, B, N, np.asarray(cross_tokens), flash, phase)
-    b.norm("mlp_norm", L, N, h)
+    if fuse_norms:
+        b.norm("add_norm", 2 * L - 1, N, h, residual=True)
+    else:
+        b.elementwise("attn_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
+        if cross_tokens is not None:
+            _cross_attention(b, L, B, N, np.asarray(cross_tokens), flash, phase)
+        b.norm("mlp_norm", L, N, h)
     if m.dense_layers:
-        _dense_mlp(b, m.dense_layers, N, m.intermediate_size, "")
+        _dense_mlp(b, m.dense_layers, N, m.intermediate_size, "", fuse)
     if m.moe_layers:
-        _moe(b, m.moe_layers, N, experts_touched)
-    b.elementwise("mlp_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
+        _moe(b, m.moe_layers, N, experts_touched, fuse)
+    b.elementwise("mlp_residual", 1 if fuse_norms else L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
 
     if not head:  # an encoder's output is its last hidden state
         b.norm("final_norm", 1, N, h, group="head")
@@ -311,6 +343,25 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
                         act_read_bytes=n_logits * m.vocab_size * a, act_write_bytes=n_logits * INDEX_BYTES,
                         group="head"))
     return b.ops
+
+
+def _fused_attention(b: _Builder, L, B, T, P, flash, window):
+    """RoPE and the KV-cache write inside FlashAttention: q and the new k/v are read once from the qkv output
+    (with the rope tables), rotated and written to the cache inside the kernel; the cache is read only for the
+    keys cached before this step."""
+    m, a = b.m, b.a
+    nq, nkv, d = m.num_heads, m.num_kv_heads, m.head_dim
+    kv_tok = kv_bytes_per_token_layer(m, b.p.kv_cache)
+    N = B * T
+    pairs = B * attended_pairs(P, T, window) * nq
+    past_keys = materialised_keys(P, T, window) - T  # cached keys the new queries can see
+    flops = pairs * (2 * d + 2 * d + FLOPS_PER_ELEMENT["softmax"])
+    act_read = N * (nq + 2 * nkv) * d * a
+    if m.positions == "rope":
+        flops = flops + N * (nq + nkv) * d * FLOPS_PER_ELEMENT["rope"]
+        act_read = act_read + 2 * N * d * a
+    b.ops.append(Op("attention", "attention", L, flops, act_read_bytes=act_read, kv_read_bytes=B * past_keys * kv_tok,
+                    act_write_bytes=N * nq * d * a, kv_write_bytes=N * kv_tok, min_dim=np.minimum(T, d)))
 
 
 def _compressed_attention(b: _Builder, L, B, T, P, method, flash, phase):
@@ -365,8 +416,19 @@ def _cross_attention(b: _Builder, L, B, N, enc, flash, phase):
     b.elementwise("cross_residual", L, N * h, FLOPS_PER_ELEMENT["add"], n_inputs=2)
 
 
-def _dense_mlp(b: _Builder, layers, N, ffn, prefix):
+def _dense_mlp(b: _Builder, layers, N, ffn, prefix, fuse=False):
     m, h = b.m, b.m.hidden_size
+    if fuse and m.gated_mlp:  # one [h, 2*ffn] matmul whose epilogue applies act(gate) * up
+        act = "silu_mul" if m.activation == "silu" else "gelu_mul"
+        b.matmul(f"{prefix}gate_up_proj", layers, N, h, 2 * ffn, epilogue_flops=N * ffn * FLOPS_PER_ELEMENT[act],
+                 out_cols=ffn)
+        b.matmul(f"{prefix}down_proj", layers, N, ffn, h)
+        return
+    if fuse:
+        b.matmul(f"{prefix}up_act_proj", layers, N, h, ffn, bias=m.linear_bias,
+                 epilogue_flops=N * ffn * FLOPS_PER_ELEMENT["gelu"])
+        b.matmul(f"{prefix}down_proj", layers, N, ffn, h, bias=m.linear_bias)
+        return
     if m.gated_mlp:
         b.matmul(f"{prefix}gate_proj", layers, N, h, ffn)
         b.matmul(f"{prefix}up_proj", layers, N, h, ffn)
@@ -379,7 +441,7 @@ def _dense_mlp(b: _Builder, layers, N, ffn, prefix):
         b.matmul(f"{prefix}down_proj", layers, N, ffn, h, bias=m.linear_bias)
 
 
-def _moe(b: _Builder, layers, N, experts_touched):
+def _moe(b: _Builder, layers, N, experts_touched, fuse=False):
     m, h, a = b.m, b.m.hidden_size, b.a
     E, k, f = m.num_experts, m.experts_per_token, m.moe_intermediate_size
     touched = expected_experts_touched(E, k, N) if experts_touched is None else np.asarray(experts_touched)
@@ -390,14 +452,20 @@ def _moe(b: _Builder, layers, N, experts_touched):
     act = "silu_mul" if m.activation == "silu" else "gelu_mul"
     # the weight bytes are those of the distinct experts touched, however many tokens each one serves
     per_expert = routed / np.maximum(touched, 1)  # rows each expert's matmul sees
-    b.matmul("expert_gate", layers, routed, h, f, weight_bytes=touched * b.wbytes(h * f), rows_per_weight=per_expert)
-    b.matmul("expert_up", layers, routed, h, f, weight_bytes=touched * b.wbytes(h * f), rows_per_weight=per_expert)
-    b.elementwise("expert_act_mul", layers, routed * f, FLOPS_PER_ELEMENT[act], n_inputs=2)
+    if fuse:
+        b.matmul("expert_gate_up", layers, routed, h, 2 * f, weight_bytes=touched * b.wbytes(h * 2 * f),
+                 rows_per_weight=per_expert, epilogue_flops=routed * f * FLOPS_PER_ELEMENT[act], out_cols=f)
+    else:
+        b.matmul("expert_gate", layers, routed, h, f, weight_bytes=touched * b.wbytes(h * f),
+                 rows_per_weight=per_expert)
+        b.matmul("expert_up", layers, routed, h, f, weight_bytes=touched * b.wbytes(h * f),
+                 rows_per_weight=per_expert)
+        b.elementwise("expert_act_mul", layers, routed * f, FLOPS_PER_ELEMENT[act], n_inputs=2)
     b.matmul("expert_down", layers, routed, f, h, weight_bytes=touched * b.wbytes(f * h), rows_per_weight=per_expert)
     b.ops.append(Op("moe_combine", "elementwise", layers, 2 * routed * h,
                     act_read_bytes=routed * h * a + routed * a, act_write_bytes=N * h * a))
     if m.num_shared_experts:
-        _dense_mlp(b, layers, N, m.num_shared_experts * f, "shared_")
+        _dense_mlp(b, layers, N, m.num_shared_experts * f, "shared_", fuse)
 
 
 def _mla_attention(b: _Builder, L, B, T, P, N, flash, phase, kv_tok):

@@ -23,7 +23,9 @@ from perfmodel.specs.model import ModelSpec
 TP_SPLIT = {"q_proj", "k_proj", "v_proj", "o_proj", "rope", "kv_write", "attention", "qk", "softmax", "av",
             "gate_proj", "up_proj", "act_mul", "act", "down_proj", "lm_head", "expert_gate", "expert_up",
             "expert_act_mul", "expert_down", "shared_gate_proj", "shared_up_proj", "shared_act_mul",
-            "shared_down_proj", "q_a_proj", "q_b_proj", "kv_b_proj", "q_absorb", "out_absorb"}
+            "shared_down_proj", "q_a_proj", "q_b_proj", "kv_b_proj", "q_absorb", "out_absorb",
+            # fused execution's operators (perfmodel.costmodel.operators, exec_mode "fused")
+            "qkv_proj", "gate_up_proj", "up_act_proj", "expert_gate_up", "shared_gate_up_proj"}
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfmodel.costmodel.execution import DEFAULT_EXEC, check_exec_mode
 from perfmodel.costmodel.operators import (Precision, kv_bytes_per_token_layer, kv_cache_bytes, phase_ops,
                                            weight_memory_bytes)
 from perfmodel.costmodel.roofline import OpTiming, op_timings, phase_summary
@@ -47,6 +48,7 @@ class Analysis:
     prefill: list[OpTiming]
     decode: list[OpTiming]  # arrays over decode steps
     kv_method: object = None  # a KVMethod compressing the cache, or None (dense)
+    exec_mode: str = DEFAULT_EXEC
 
     def _phase(self, timings: list[OpTiming]) -> dict:
         s = phase_summary(timings)
@@ -73,9 +75,12 @@ class Analysis:
 
     @property
     def request(self) -> dict:
+        """TTFT, TPOT and throughput; every step (prefill, each decode) also pays the serving loop's host time
+        outside the forward pass (hardware.host_overhead_us, set by a framework profile or calibration)."""
         w = self.workload
-        ttft = self.prefill_summary["time_s"]
-        steps = self.decode_step_times()
+        host = self.hardware.host_overhead_us * 1e-6
+        ttft = self.prefill_summary["time_s"] + host
+        steps = self.decode_step_times() + host
         decode_s = float(steps.sum())
         e2e = ttft + decode_s
         tpot = decode_s / len(steps) if len(steps) else 0.0
@@ -86,7 +91,7 @@ class Analysis:
                 "tpot_first_s": float(steps[0]) if len(steps) else 0.0,
                 "tpot_last_s": float(steps[-1]) if len(steps) else 0.0,
                 "e2e_s": e2e, "tokens_per_s": w.batch * w.output_tokens / e2e,
-                "decode_tokens_per_s": w.batch / tpot if tpot else 0.0}
+                "decode_tokens_per_s": w.batch / tpot if tpot else 0.0, "host_overhead_per_step_s": host}
 
     @property
     def memory(self) -> dict:
@@ -139,7 +144,7 @@ class Analysis:
                              "output": self.workload.output_tokens},
                 "precision": {"weights": self.precision.weights, "activations": self.precision.activations,
                               "kv_cache": self.precision.kv_cache},
-                "flash_attention": self.flash,
+                "flash_attention": self.flash, "exec_mode": self.exec_mode,
                 "kv_method": self.kv_method.label if self.kv_method is not None else "dense",
                 "prefill": self.prefill_summary, "decode": self.decode_summary, "request": self.request,
                 "memory": self.memory, "ops": self.op_rows()}
@@ -150,11 +155,12 @@ def activation_peak_bytes(timings: list[OpTiming]) -> int:
     return int(max(np.max(np.asarray(t.op.act_read_bytes + t.op.act_write_bytes)) for t in timings))
 
 
-def encoder_ops(model: ModelSpec, batch, tokens, precision: Precision, flash: bool):
+def encoder_ops(model: ModelSpec, batch, tokens, precision: Precision, flash: bool, exec_mode: str = "eager"):
     """One bidirectional pass over `tokens` (BERT, or a T5 encoder stack): no KV cache, no LM head."""
     layers = model.num_encoder_layers if model.architecture == "encoder-decoder" else model.num_layers
     enc = model.replace(architecture="decoder", num_layers=layers)
-    ops = phase_ops(enc, batch, tokens, 0, precision, flash, phase="prefill", causal=False, head=False, cache=False)
+    ops = phase_ops(enc, batch, tokens, 0, precision, flash, phase="prefill", causal=False, head=False, cache=False,
+                    exec_mode=exec_mode)
     if model.architecture == "encoder-decoder":
         for o in ops:
             o.name = f"encoder.{o.name}"
@@ -162,34 +168,39 @@ def encoder_ops(model: ModelSpec, batch, tokens, precision: Precision, flash: bo
 
 
 def analyze(model: ModelSpec, hardware: HardwareSpec, workload: Workload, precision: Precision | None = None,
-            flash: bool = True, kv_method=None) -> Analysis:
-    """Prefill (encoder pass, or encoder + first decoder step), then every decode step."""
+            flash: bool = True, kv_method=None, exec_mode: str = DEFAULT_EXEC) -> Analysis:
+    """Prefill (encoder pass, or encoder + first decoder step), then every decode step, as exec_mode runs them."""
     p = precision or Precision()
+    x = check_exec_mode(exec_mode)
+
+    def timed(ops):
+        return op_timings(ops, hardware, p, x)
+
     if kv_method is not None and kv_method.kind != "dense":
         if not model.is_decoder_only or model.is_mla:
             raise PerfmodelError(f"--kv-prune: applies to decoder-only models with K/V heads, not {model.name}")
         w = workload
         past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
-        prefill = op_timings(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill",
-                                       kv_method=kv_method), hardware, p)
-        decode = op_timings(phase_ops(model, w.batch, 1, past, p, flash, phase="decode", kv_method=kv_method),
-                            hardware, p)
-        return Analysis(model, hardware, w, p, flash, prefill, decode, kv_method)
+        prefill = timed(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill", kv_method=kv_method,
+                                  exec_mode=x))
+        decode = timed(phase_ops(model, w.batch, 1, past, p, flash, phase="decode", kv_method=kv_method,
+                                 exec_mode=x))
+        return Analysis(model, hardware, w, p, flash, prefill, decode, kv_method, x)
     w = workload
     past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
     if model.architecture == "encoder":
         if w.output_tokens != 1:
             raise PerfmodelError(f"output: model {model.name} is encoder-only and generates nothing; allowed: 1")
-        prefill = op_timings(encoder_ops(model, w.batch, w.input_tokens, p, flash), hardware, p)
-        return Analysis(model, hardware, w, p, flash, prefill, [])
+        prefill = timed(encoder_ops(model, w.batch, w.input_tokens, p, flash, x))
+        return Analysis(model, hardware, w, p, flash, prefill, [], exec_mode=x)
     if model.architecture == "encoder-decoder":
         # the decoder starts from one start token; its self-attention cache holds generated tokens only
-        first = phase_ops(model, w.batch, 1, 0, p, flash, phase="prefill", cross_tokens=w.input_tokens)
-        prefill = op_timings(encoder_ops(model, w.batch, w.input_tokens, p, flash) + first, hardware, p)
+        first = phase_ops(model, w.batch, 1, 0, p, flash, phase="prefill", cross_tokens=w.input_tokens, exec_mode=x)
+        prefill = timed(encoder_ops(model, w.batch, w.input_tokens, p, flash, x) + first)
         steps = np.arange(1, w.decode_steps + 1) if w.decode_steps else np.asarray([1])
-        decode = op_timings(phase_ops(model, w.batch, 1, steps, p, flash, phase="decode",
-                                      cross_tokens=w.input_tokens), hardware, p)
-        return Analysis(model, hardware, w, p, flash, prefill, decode)
-    prefill = op_timings(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill"), hardware, p)
-    decode = op_timings(phase_ops(model, w.batch, 1, past, p, flash, phase="decode"), hardware, p)
-    return Analysis(model, hardware, w, p, flash, prefill, decode)
+        decode = timed(phase_ops(model, w.batch, 1, steps, p, flash, phase="decode", cross_tokens=w.input_tokens,
+                                 exec_mode=x))
+        return Analysis(model, hardware, w, p, flash, prefill, decode, exec_mode=x)
+    prefill = timed(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill", exec_mode=x))
+    decode = timed(phase_ops(model, w.batch, 1, past, p, flash, phase="decode", exec_mode=x))
+    return Analysis(model, hardware, w, p, flash, prefill, decode, exec_mode=x)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfmodel.costmodel.execution import launches_per_op
 from perfmodel.costmodel.operators import Op, Precision
 from perfmodel.specs.hardware import HardwareSpec
 
@@ -16,14 +17,18 @@ class OpTiming:
     compute_s: object
     memory_s: object
     overhead_s: float
+    floor_s: float = 0.0  # the shortest a kernel can take when it is replayed from a graph (no launch cost)
 
     @property
     def time_s(self):
-        return np.maximum(self.compute_s, self.memory_s) + self.overhead_s
+        return np.maximum(np.maximum(self.compute_s, self.memory_s), self.floor_s) + self.overhead_s
 
     @property
     def bound(self):
-        return np.where(self.compute_s >= self.memory_s, "compute", "memory")
+        if self.op.kind == "host":
+            return np.asarray("host")
+        bound = np.where(self.compute_s >= self.memory_s, "compute", "memory")
+        return np.where(np.maximum(self.compute_s, self.memory_s) < self.floor_s, "latency", bound)
 
     @property
     def arithmetic_intensity(self):
@@ -37,8 +42,10 @@ def compute_roof(hw: HardwareSpec, kind: str, precision: Precision) -> float:
     return hw.vector_tflops * 1e12
 
 
-def op_timing(op: Op, hw: HardwareSpec, precision: Precision) -> OpTiming:
+def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "eager") -> OpTiming:
     eff = hw.efficiency
+    if op.kind == "host":
+        return OpTiming(op, np.zeros(()), np.zeros(()), float(op.host_s))
     c_eff = eff.compute * eff.kind_compute.get(op.kind, 1.0)
     if op.kind in ("matmul", "attention") and eff.matmul_half_dim and op.min_dim is not None:
         d = np.asarray(op.min_dim, dtype=np.float64)
@@ -52,13 +59,34 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision) -> OpTiming:
         m_eff = m_eff * b / (b + eff.matmul_half_bytes)
     compute_s = np.asarray(op.flops, dtype=np.float64) / (compute_roof(hw, op.kind, precision) * c_eff)
     memory_s = np.asarray(op.bytes, dtype=np.float64) / (hw.memory_bandwidth * m_eff)
+    if not launches_per_op(exec_mode):  # replayed from a graph: no host cost per operator, a minimum duration
+        return OpTiming(op, compute_s, memory_s, 0.0, hw.kernel_min_us * 1e-6)
     per_call = eff.op_overhead_map_us.get(op.name, eff.kind_overhead_us.get(op.kind, eff.op_overhead_us))
     overhead = (hw.launch_overhead_us + per_call) * 1e-6
     return OpTiming(op, compute_s, memory_s, overhead)
 
 
-def op_timings(ops: list[Op], hw: HardwareSpec, precision: Precision) -> list[OpTiming]:
-    return [op_timing(op, hw, precision) for op in ops]
+def host_op(ops: list[Op], hw: HardwareSpec, exec_mode: str) -> Op:
+    """The forward pass's host cost outside its operators, as a pseudo-operator of kind "host" (no FLOPs, no
+    bytes; host_s seconds): in eager mode the glue between operators (per step and per layer), in graph and
+    fused modes one graph launch."""
+    eff = hw.efficiency
+    if launches_per_op(exec_mode):
+        layers = max((o.layers for o in ops if o.group == "layer"), default=0)
+        us, name = eff.step_overhead_us + layers * eff.layer_overhead_us, "host_glue"
+    else:
+        us = hw.launch_overhead_us if hw.graph_launch_us is None else hw.graph_launch_us
+        name = "graph_launch"
+    return Op(name, "host", 1, 0, group="host", host_s=us * 1e-6)
+
+
+def op_timings(ops: list[Op], hw: HardwareSpec, precision: Precision, exec_mode: str = "eager",
+               host: bool = True) -> list[OpTiming]:
+    """Every operator's timing, plus (host=True) the forward's host pseudo-operator."""
+    out = [op_timing(op, hw, precision, exec_mode) for op in ops]
+    if host:
+        out.append(op_timing(host_op(ops, hw, exec_mode), hw, precision, exec_mode))
+    return out
 
 
 def phase_summary(timings: list[OpTiming]) -> dict:

@@ -7,6 +7,7 @@ tokens, both from the cost model at the same context.
 
 from __future__ import annotations
 
+from perfmodel.costmodel.execution import DEFAULT_EXEC
 from perfmodel.costmodel.operators import Precision, phase_ops
 from perfmodel.costmodel.roofline import op_timings, phase_summary
 from perfmodel.errors import PerfmodelError
@@ -24,18 +25,19 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def _forward_s(model, hw, batch, new, past, p):
-    return float(phase_summary(op_timings(phase_ops(model, batch, new, past, p, phase="decode" if new == 1
-                                                    else "prefill"), hw, p))["time_s"])
+def _forward_s(model, hw, batch, new, past, p, exec_mode=DEFAULT_EXEC):
+    ops = phase_ops(model, batch, new, past, p, phase="decode" if new == 1 else "prefill", exec_mode=exec_mode)
+    return float(phase_summary(op_timings(ops, hw, p, exec_mode))["time_s"])
 
 
 def speculative(target: ModelSpec, draft: ModelSpec, hw: HardwareSpec, alpha: float, gamma: int,
-                context: int = 1024, batch: int = 1, precision: Precision | None = None) -> dict:
+                context: int = 1024, batch: int = 1, precision: Precision | None = None,
+                exec_mode: str = DEFAULT_EXEC) -> dict:
     p = precision or Precision()
     tokens = expected_tokens_per_step(alpha, gamma)
-    t_target = _forward_s(target, hw, batch, 1, context - 1, p)
-    t_draft = _forward_s(draft, hw, batch, 1, context - 1, p)
-    t_verify = _forward_s(target, hw, batch, gamma + 1, context - 1, p)
+    t_target = _forward_s(target, hw, batch, 1, context - 1, p, exec_mode)
+    t_draft = _forward_s(draft, hw, batch, 1, context - 1, p, exec_mode)
+    t_verify = _forward_s(target, hw, batch, gamma + 1, context - 1, p, exec_mode)
     step = gamma * t_draft + t_verify
     return {"target": target.name, "draft": draft.name, "alpha": alpha, "gamma": gamma, "context": context,
             "batch": batch, "tokens_per_target_step": tokens, "target_decode_step_s": t_target,

@@ -10,44 +10,58 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from perfmodel.costmodel.execution import DEFAULT_EXEC
 from perfmodel.costmodel.operators import Precision, kv_cache_bytes, phase_ops, weight_memory_bytes
 from perfmodel.costmodel.roofline import op_timings, phase_summary
 from perfmodel.specs.hardware import HardwareSpec
 from perfmodel.specs.model import ModelSpec
 
 
-def _pieces(c0, c1, m0, m1, over, layers, lo, hi):
+def _pieces(c0, c1, m0, m1, f, over, layers, lo, hi):
     """Integer pieces of [lo, hi] (hi may be inf) on which every operator keeps its bound, as
-    (starts, a, b): summed over operators the step time is a + b*past on [starts[k], starts[k+1])."""
-    e = c1 - m1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cross = (m0 - c0) / e
-    # first integer past at which the winner changes (only where the lines cross inside the segment)
-    split = np.where(e > 0, np.ceil(cross), np.floor(cross) + 1)
-    valid = (e != 0) & np.isfinite(split) & (split > lo) & (split <= hi)
-    starts = np.unique(np.concatenate([[lo], split[valid]]))
-    mid = starts[:, None]  # probe each piece at its start: the winner is constant across the piece
-    compute_wins = (c0 + c1 * mid) >= (m0 + m1 * mid)
-    a = (layers * (np.where(compute_wins, c0, m0) + over)).sum(axis=1)
-    b = (layers * np.where(compute_wins, c1, m1)).sum(axis=1)
+    (starts, a, b): summed over operators the step time is a + b*past on [starts[k], starts[k+1]).
+    An operator's time is max(compute line, memory line, floor) + overhead; the winner can change only where
+    two of the three lines cross."""
+    lines = [(c0, c1), (m0, m1), (f, np.zeros_like(f))]
+    splits = []
+    for i in range(3):
+        for j in range(i + 1, 3):
+            (a0, a1), (b0, b1) = lines[i], lines[j]
+            e = a1 - b1
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cross = (b0 - a0) / e
+            # first integer past at which the winner changes (only where the lines cross inside the segment)
+            split = np.where(e > 0, np.ceil(cross), np.floor(cross) + 1)
+            valid = (e != 0) & np.isfinite(split) & (split > lo) & (split <= hi)
+            splits.append(split[valid])
+    starts = np.unique(np.concatenate([[lo], *splits]))
+    x = starts[:, None]  # probe each piece at its start: the winner is constant across the piece
+    vals = np.stack([a0 + a1 * x for a0, a1 in lines])  # [line, piece, op]
+    win = np.argmax(vals, axis=0)
+    intercept = np.choose(win, [np.broadcast_to(a0, win.shape) for a0, _ in lines])
+    slope = np.choose(win, [np.broadcast_to(a1, win.shape) for _, a1 in lines])
+    a = (layers * (intercept + over)).sum(axis=1)
+    b = (layers * slope).sum(axis=1)
     return starts, a, b
 
 
-def _decode_coefficients(model, hw, p, flash, batch_u, at):
+def _decode_coefficients(model, hw, p, flash, batch_u, at, exec_mode):
     """Per operator (rows) and distinct batch (columns): compute and memory seconds as affine functions of
     past tokens, read off at past = at and at + 1 (exact: the costs are affine on each segment)."""
-    t0 = op_timings(phase_ops(model, batch_u, 1, at, p, flash, phase="decode"), hw, p)
-    t1 = op_timings(phase_ops(model, batch_u, 1, at + 1, p, flash, phase="decode"), hw, p)
+    t0 = op_timings(phase_ops(model, batch_u, 1, at, p, flash, phase="decode", exec_mode=exec_mode), hw, p, exec_mode)
+    t1 = op_timings(phase_ops(model, batch_u, 1, at + 1, p, flash, phase="decode", exec_mode=exec_mode), hw, p,
+                    exec_mode)
     shape = (len(batch_u),)
     stack = lambda ts, f: np.stack([np.broadcast_to(getattr(t, f), shape) for t in ts])  # noqa: E731
     c0, m0 = stack(t0, "compute_s"), stack(t0, "memory_s")
     c1, m1 = stack(t1, "compute_s") - c0, stack(t1, "memory_s") - m0
     over = np.array([t.overhead_s for t in t0])[:, None]
+    floor = np.array([t.floor_s for t in t0])[:, None] * np.ones(shape)
     layers = np.array([t.op.layers for t in t0], dtype=np.float64)[:, None]
-    return c0 - c1 * at, c1, m0 - m1 * at, m1, over, layers
+    return c0 - c1 * at, c1, m0 - m1 * at, m1, floor, over, layers
 
 
-def _decode_totals(model, hw, p, flash, batch, inp, out):
+def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode):
     """Total decode seconds over the steps with past = inp .. inp+out-2, and the first and last step times.
 
     Per distinct batch the step time is piecewise linear in past, so its prefix sum F(x) = sum_{y<=x} step(y)
@@ -56,12 +70,12 @@ def _decode_totals(model, hw, p, flash, batch, inp, out):
     inv, batch_u = pd.factorize(batch, sort=True)  # hashing: O(n), unlike np.unique's sort
     W = model.sliding_window
     segments = [(0, np.inf)] if W is None else [(0, W - 1), (W, np.inf)]
-    coeffs = [_decode_coefficients(model, hw, p, flash, batch_u, lo) for lo, _ in segments]
+    coeffs = [_decode_coefficients(model, hw, p, flash, batch_u, lo, exec_mode) for lo, _ in segments]
     keys, a_all, b_all, f_all = [], [], [], []
     span = 2.0 ** 40  # key = batch index * span + past, exact in float64
     for j in range(len(batch_u)):
         starts, a, b = (np.concatenate(x) for x in zip(*(
-            _pieces(*(c[:, j] for c in cf[:4]), cf[4][:, 0], cf[5][:, 0], lo, hi)
+            _pieces(*(c[:, j] for c in cf[:5]), cf[5][:, 0], cf[6][:, 0], lo, hi)
             for cf, (lo, hi) in zip(coeffs, segments))))
         # F at the end of each piece, accumulated: F(start_k - 1) for piece k
         ends = np.append(starts[1:] - 1, starts[-1])
@@ -95,17 +109,20 @@ def _affine_sum(x0, x1, a, b):
 
 
 def sweep_arrays(model: ModelSpec, hw: HardwareSpec, batch, inp, out, precision: Precision | None = None,
-                 flash: bool = True) -> dict[str, np.ndarray]:
+                 flash: bool = True, exec_mode: str = DEFAULT_EXEC) -> dict[str, np.ndarray]:
     """Request-level figures for aligned 1-D arrays batch, inp, out (one entry per grid point)."""
     p = precision or Precision()
     batch, inp, out = (np.asarray(x, dtype=np.float64) for x in (batch, inp, out))
     # prefill depends on (batch, input) only: evaluate each distinct pair once
     pair_inv, pair_keys = pd.factorize(batch * 2.0 ** 32 + inp)
     pairs = np.stack([np.floor(pair_keys / 2.0 ** 32), pair_keys % 2.0 ** 32])
-    pre = phase_summary(op_timings(phase_ops(model, pairs[0], pairs[1], 0, p, flash, phase="prefill"), hw, p))
-    ttft = np.broadcast_to(pre["time_s"], pairs[0].shape)[pair_inv]
+    pre = phase_summary(op_timings(phase_ops(model, pairs[0], pairs[1], 0, p, flash, phase="prefill",
+                                             exec_mode=exec_mode), hw, p, exec_mode))
+    host = hw.host_overhead_us * 1e-6  # the serving loop's time per step outside the forward (Analysis.request)
+    ttft = np.broadcast_to(pre["time_s"], pairs[0].shape)[pair_inv] + host
     prefill_bound = np.broadcast_to(pre["bound"], pairs[0].shape)[pair_inv]
-    decode_s, tpot_first, tpot_last = _decode_totals(model, hw, p, flash, batch, inp, out)
+    decode_s, tpot_first, tpot_last = _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode)
+    decode_s, tpot_first, tpot_last = decode_s + host * np.maximum(out - 1, 0), tpot_first + host, tpot_last + host
     e2e = ttft + decode_s
     weights = weight_memory_bytes(model, p)
     kv = kv_cache_bytes(model, inp + out, batch, p.kv_cache)
@@ -122,14 +139,15 @@ def sweep_arrays(model: ModelSpec, hw: HardwareSpec, batch, inp, out, precision:
 
 
 def sweep(models: list[ModelSpec], hardware: list[HardwareSpec], batches, inputs, outputs,
-          precision: Precision | None = None, flash: bool = True, progress=None) -> pd.DataFrame:
+          precision: Precision | None = None, flash: bool = True, progress=None,
+          exec_mode: str = DEFAULT_EXEC) -> pd.DataFrame:
     """Cartesian grid models x hardware x batch x input x output, as a DataFrame (one row per point)."""
     b, i, o = np.meshgrid(np.asarray(batches), np.asarray(inputs), np.asarray(outputs), indexing="ij")
     b, i, o = b.ravel(), i.ravel(), o.ravel()
     frames = []
     for m in models:
         for hw in hardware:
-            cols = sweep_arrays(m, hw, b, i, o, precision, flash)
+            cols = sweep_arrays(m, hw, b, i, o, precision, flash, exec_mode=exec_mode)
             frames.append(pd.DataFrame({"model": m.name, "hardware": hw.name, "batch": b, "input": i,
                                         "output": o, **cols}))
             if progress:

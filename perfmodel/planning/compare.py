@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perfmodel.costmodel.execution import DEFAULT_EXEC
 from perfmodel.costmodel.operators import Precision
 from perfmodel.costmodel.parallel import Parallelism
 from perfmodel.planning.deploy import Deployment, evaluate, max_batch
@@ -16,7 +17,7 @@ BATCHES = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
 
 
 def compare(model: ModelSpec, hws: list[HardwareSpec], inp: int, out: int, batch: int, precision: Precision,
-            out_dir: Path) -> dict:
+            out_dir: Path, exec_mode: str = DEFAULT_EXEC) -> dict:
     rows, curves = [], {}
     for hw in hws:
         # the smallest tensor-parallel group on which the batch fits (one device when it can)
@@ -25,7 +26,7 @@ def compare(model: ModelSpec, hws: list[HardwareSpec], inp: int, out: int, batch
                 continue
             if tp > 1 and hw.interconnect is None:
                 break
-            dep = Deployment(model, hw, Parallelism(tp=tp), precision)
+            dep = Deployment(model, hw, Parallelism(tp=tp), precision, exec_mode=exec_mode)
             fit = max_batch(dep, inp + out)
             if fit >= batch:
                 break
@@ -43,7 +44,8 @@ def compare(model: ModelSpec, hws: list[HardwareSpec], inp: int, out: int, batch
                      "price_per_hour_usd": price,
                      "cost_per_million_tokens_usd": gpus * price / (peak * 3600) * 1e6 if price and peak else None})
     plots = _plots(model, curves, rows, out_dir)
-    return {"model": model.name, "input": inp, "output": out, "batch": batch, "rows": rows, "plots": plots}
+    return {"model": model.name, "input": inp, "output": out, "batch": batch, "exec_mode": exec_mode, "rows": rows,
+            "plots": plots}
 
 
 def _plots(model, curves, rows, out_dir: Path) -> list[str]:

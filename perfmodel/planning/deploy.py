@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfmodel.costmodel.execution import DEFAULT_EXEC
 from perfmodel.costmodel.operators import Precision, kv_cache_bytes, phase_ops, weight_memory_bytes
 from perfmodel.costmodel.parallel import Parallelism, comm_seconds, split_ops
 from perfmodel.costmodel.roofline import op_timings, phase_summary
@@ -23,12 +24,13 @@ class Deployment:
     parallelism: Parallelism = Parallelism()
     precision: Precision = Precision()
     flash: bool = True
+    exec_mode: str = DEFAULT_EXEC
 
 
 def _phase(dep: Deployment, batch, new, past, phase):
-    ops = split_ops(phase_ops(dep.model, batch, new, past, dep.precision, dep.flash, phase=phase),
-                    dep.parallelism, dep.model)
-    s = phase_summary(op_timings(ops, dep.hardware, dep.precision))
+    ops = split_ops(phase_ops(dep.model, batch, new, past, dep.precision, dep.flash, phase=phase,
+                              exec_mode=dep.exec_mode), dep.parallelism, dep.model)
+    s = phase_summary(op_timings(ops, dep.hardware, dep.precision, dep.exec_mode))
     comm = comm_seconds(dep.model, dep.parallelism, dep.hardware, np.asarray(batch) * np.asarray(new), dep.precision)
     comm_s = sum(comm.values())
     return s, comm_s
@@ -69,12 +71,13 @@ def evaluate(dep: Deployment, batch, input_tokens: int, output_tokens: int) -> d
     b = np.asarray(batch, dtype=np.float64)
     par = dep.parallelism
     pre1, pre1_comm = _phase(dep, 1, input_tokens, 0, "prefill")
-    ttft = float(pre1["time_s"] + pre1_comm)
+    host = dep.hardware.host_overhead_us * 1e-6  # the serving loop's time per step outside the forward
+    ttft = float(pre1["time_s"] + pre1_comm) + host
     mean_past = input_tokens + max(output_tokens - 1, 0) / 2
     dec, dec_comm = _phase(dep, b, 1, mean_past, "decode")
-    tpot = dec["time_s"] + dec_comm
+    tpot = dec["time_s"] + dec_comm + host
     end, end_comm = _phase(dep, b, 1, input_tokens + output_tokens - 1, "decode")
-    tpot_end = end["time_s"] + end_comm
+    tpot_end = end["time_s"] + end_comm + host
     steps = max(output_tokens - 1, 0)
     round_s = b * ttft + steps * tpot  # one batch of requests, start to finish
     in_flight = b * par.pp

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perfmodel.costmodel.execution import DEFAULT_EXEC
 from perfmodel.costmodel.operators import Precision
 from perfmodel.costmodel.parallel import Parallelism
 from perfmodel.errors import PerfmodelError
@@ -40,7 +41,7 @@ def _candidates(model: ModelSpec, max_tp: int, max_pp: int):
 
 
 def plan(model: ModelSpec, hw: HardwareSpec, work: PlanInput, slo: SLO, precision: Precision | None = None,
-         max_tp: int = 8, max_pp: int = 4, max_batch_limit: int = 1024) -> dict:
+         max_tp: int = 8, max_pp: int = 4, max_batch_limit: int = 1024, exec_mode: str = DEFAULT_EXEC) -> dict:
     p = precision or Precision()
     q = slo.percentile
     i_mean, o_mean = int(np.mean(work.input_tokens)), int(np.mean(work.output_tokens))
@@ -49,7 +50,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, work: PlanInput, slo: SLO, precisio
     for par in _candidates(model, max_tp, max_pp):
         if par.tp * par.pp > 1 and hw.interconnect is None:
             continue
-        dep = Deployment(model, hw, par, p)
+        dep = Deployment(model, hw, par, p, exec_mode=exec_mode)
         fit = max_batch(dep, i_p + o_p, max_batch_limit)
         if fit == 0:
             rejected.append(f"tp={par.tp} pp={par.pp}: weights do not fit")
@@ -88,7 +89,7 @@ def plan(model: ModelSpec, hw: HardwareSpec, work: PlanInput, slo: SLO, precisio
     best = options[0]
     band = {}
     for which in ("optimistic", "pessimistic"):
-        alt = _replan_one(model, hw.with_efficiency(which), work, slo, p, best, max_batch_limit)
+        alt = _replan_one(model, hw.with_efficiency(which), work, slo, p, best, max_batch_limit, exec_mode)
         band[which] = alt
     return {"feasible": True, "model": model.name, "hardware": hw.name, "best": best, "band": band,
             "options": options, "rejected": rejected,
@@ -109,15 +110,15 @@ def _slo_batch_unbounded(dep, i_p, o_p, slo, limit):
     return int(b[ok].max()) if ok.any() else 0
 
 
-def _replan_one(model, hw, work, slo, p, best, limit) -> dict:
+def _replan_one(model, hw, work, slo, p, best, limit, exec_mode=DEFAULT_EXEC) -> dict:
     """The chosen parallelism under other efficiency factors: its batch, throughput and GPU count."""
-    sub = plan_fixed(model, hw, work, slo, p, Parallelism(best["tp"], best["pp"]), limit)
+    sub = plan_fixed(model, hw, work, slo, p, Parallelism(best["tp"], best["pp"]), limit, exec_mode)
     return {k: sub.get(k) for k in ("batch", "gpus", "replicas", "tpot_s", "ttft_s", "per_gpu_output_tokens_per_s",
                                     "cost_per_million_output_tokens_usd")}
 
 
-def plan_fixed(model, hw, work, slo, p, par, limit=1024) -> dict:
-    dep = Deployment(model, hw, par, p)
+def plan_fixed(model, hw, work, slo, p, par, limit=1024, exec_mode=DEFAULT_EXEC) -> dict:
+    dep = Deployment(model, hw, par, p, exec_mode=exec_mode)
     q = slo.percentile
     i_mean, o_mean = int(np.mean(work.input_tokens)), int(np.mean(work.output_tokens))
     i_p, o_p = int(np.percentile(work.input_tokens, q)), int(np.percentile(work.output_tokens, q))

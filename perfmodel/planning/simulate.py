@@ -44,9 +44,9 @@ class StepCosts:
 
     def _time(self, batch, new, past, phase):
         d = self.dep
-        ops = split_ops(phase_ops(d.model, batch, new, past, d.precision, d.flash, phase=phase), d.parallelism,
-                        d.model)
-        t = phase_summary(op_timings(ops, d.hardware, d.precision))["time_s"]
+        ops = split_ops(phase_ops(d.model, batch, new, past, d.precision, d.flash, phase=phase,
+                                  exec_mode=d.exec_mode), d.parallelism, d.model)
+        t = phase_summary(op_timings(ops, d.hardware, d.precision, d.exec_mode))["time_s"]
         comm = sum(comm_seconds(d.model, d.parallelism, d.hardware, np.asarray(batch) * new, d.precision).values())
         return np.asarray(t + comm, dtype=np.float64)
 

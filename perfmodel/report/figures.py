@@ -79,10 +79,12 @@ def latency(a):
     plt = _plt()
     m, hw, w, p = a.model, a.hardware, a.workload, a.precision
     batches = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    res = [analyze(m, hw, Workload(b, w.input_tokens, w.output_tokens), p, a.flash).request for b in batches]
+    res = [analyze(m, hw, Workload(b, w.input_tokens, w.output_tokens), p, a.flash, exec_mode=a.exec_mode).request
+           for b in batches]
     lens = [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
     lens = [n for n in lens if n <= m.max_position]
-    res_len = [analyze(m, hw, Workload(w.batch, n, min(w.output_tokens, 64)), p, a.flash).request for n in lens]
+    res_len = [analyze(m, hw, Workload(w.batch, n, min(w.output_tokens, 64)), p, a.flash,
+                       exec_mode=a.exec_mode).request for n in lens]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     axes[0].plot(batches, [r["ttft_s"] * 1e3 for r in res], marker="o", label="TTFT")
     axes[0].plot(batches, [r["tpot_s"] * 1e3 for r in res], marker="s", label="TPOT (mean)")

@@ -72,7 +72,7 @@ def kv_compression_rows(a) -> list[dict]:
                  "streaming:0.7"):
         method = KVMethod.parse(name)
         r = analyze(m, hw, Workload(w.batch, w.input_tokens, w.output_tokens), p, a.flash,
-                    None if name == "dense" else method)
+                    None if name == "dense" else method, exec_mode=a.exec_mode)
         per_seq = float(kv_stored_bytes(m, method, tokens, 1, p.kv_cache))
         free = hw.memory_capacity - r.memory["weights_bytes"] - r.memory["activation_bytes"]
         rows.append({"method": name, "kv_bytes": r.memory["kv_cache_bytes"], "fraction": per_seq / float(

@@ -33,6 +33,9 @@ class Efficiency:
     kind_overhead_us: dict = field(default_factory=dict)
     # Per operator name (q_proj, softmax, ...): dispatch cost of one call, the most specific figure.
     op_overhead_map_us: dict = field(default_factory=dict)
+    # Host time of one eager forward pass outside its operators (the glue between them): per step and per layer.
+    step_overhead_us: float = 0.0
+    layer_overhead_us: float = 0.0
     # Per operator kind: multipliers on the compute and memory efficiency (fitted by calibration; 1 if absent).
     kind_compute: dict = field(default_factory=dict)
     kind_memory: dict = field(default_factory=dict)

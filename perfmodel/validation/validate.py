@@ -138,7 +138,7 @@ def run_case(case: Case, hw: HardwareSpec, repeats: int = 3, loaded: dict | None
             touched_mean = sum(touched[-moe:]) / moe if moe and touched else None
             ops = phase_ops(spec, case.batch, new, past, precision, case.flash, experts_touched=touched_mean,
                             include_sampling=False, phase=phase)
-            timings = {t.op.name: t for t in op_timings(ops, hw_e, precision)}
+            timings = {t.op.name: t for t in op_timings(ops, hw_e, precision, host=False)}
             totals = op_totals(ops)
             for name, t in timings.items():
                 model_counts = totals[name]

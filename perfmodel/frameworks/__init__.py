@@ -1,0 +1,210 @@
+"""Serving-framework profiles: the same model on the same GPU runs differently under each framework.
+
+A profile (perfmodel/frameworks/<name>.yaml) separates the framework's efficiency from the model's cost:
+- `exec`: the execution mode it runs (perfmodel.costmodel.execution: eager | graph | fused);
+- `efficiency`: multipliers on the hardware's achievable compute and memory efficiency, overall
+  (`compute`, `memory`) and per operator kind (`kinds: {matmul: {compute, memory}, attention: ...}`), per
+  hardware family where they differ (key `default`, then a family such as `hopper`, `ampere`, `cdna3`, then a
+  hardware name: the most specific key that matches wins);
+- `host_overhead_us`: host time per serving step outside the forward pass (scheduler, input preparation,
+  sampling, detokenisation), per hardware family like the efficiencies;
+- `kv_block_tokens`, `weight_formats`, `kv_formats`, `native_compute` (formats its GEMMs run natively);
+- `provenance`: where every figure comes from (a source, or "fitted" with the fit's data and date).
+`apply_framework(hw, profile)` is the hardware as that framework sees it; `resolve_runtime` turns the CLI's
+--framework / --exec into (hardware, exec mode, profile) for every command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from perfmodel.costmodel.execution import DEFAULT_EXEC, check_exec_mode
+from perfmodel.errors import PerfmodelError, bad_value
+from perfmodel.specs.hardware import HardwareSpec
+
+KINDS = ("matmul", "attention", "elementwise", "memory")
+
+# hardware library names -> family (the most specific efficiency key a profile may give)
+FAMILIES = {
+    "hopper": ("h100", "h200", "h20", "gh200"),
+    "blackwell": ("b200", "b300", "gb200", "gb300", "rtx-5090", "rtx-pro"),
+    "ada": ("l4", "l40", "l20", "rtx-4090", "rtx-6000-ada"),
+    "ampere": ("a100", "a10", "a30", "a40", "rtx-3090"),
+    "turing": ("t4",),
+    "cdna3": ("mi300", "mi325"),
+    "cdna4": ("mi350", "mi355"),
+    "apple": ("m1", "m2", "m3", "m4"),
+    "tpu": ("tpu",),
+}
+
+
+def hardware_family(hw: HardwareSpec) -> str:
+    name = hw.name.lower()
+    for fam, prefixes in FAMILIES.items():
+        if any(name.startswith(p) for p in prefixes):
+            return fam
+    return hw.kind  # cpu, gpu, ...
+
+
+@dataclass(frozen=True)
+class FrameworkProfile:
+    name: str
+    description: str
+    exec_mode: str
+    version: str = ""
+    efficiency: dict = field(default_factory=dict)  # family -> {compute, memory, <kind>: {compute, memory}}
+    host_overhead_us: dict = field(default_factory=dict)  # family -> µs per serving step
+    kv_block_tokens: int = 16
+    weight_formats: tuple[str, ...] = ()
+    kv_formats: tuple[str, ...] = ()
+    native_compute: tuple[str, ...] = ()
+    provenance: dict = field(default_factory=dict)
+    path: str = ""
+
+    def _for(self, table: dict, hw: HardwareSpec):
+        fam = hardware_family(hw)
+        for key in (hw.name, fam, "default"):
+            if key in table:
+                return table[key]
+        return None
+
+    def efficiency_for(self, hw: HardwareSpec) -> dict:
+        return self._for(self.efficiency, hw) or {}
+
+    def host_overhead_for(self, hw: HardwareSpec) -> float:
+        v = self._for(self.host_overhead_us, hw)
+        return float(v) if v is not None else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["exec"] = d.pop("exec_mode")
+        d.pop("path")
+        return d
+
+
+def _num(where: str, v, lo: float = 0.0, hi: float = 1e9) -> float:
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
+        raise PerfmodelError(f"{where}: must be a finite number in ({lo:g}, {hi:g}], got {v!r}")
+    return float(v)
+
+
+def profile_from_dict(d: dict, where: str) -> FrameworkProfile:
+    if not isinstance(d, dict):
+        raise PerfmodelError(f"{where}: expected a YAML mapping of fields")
+    allowed = {"name", "description", "version", "exec", "efficiency", "host_overhead_us", "kv_block_tokens",
+               "weight_formats", "kv_formats", "native_compute", "provenance"}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise PerfmodelError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    for f in ("name", "exec"):
+        if f not in d:
+            raise PerfmodelError(f"{where}: missing field {f!r}")
+    try:
+        mode = check_exec_mode(str(d["exec"]))
+    except PerfmodelError:
+        raise bad_value(f"{where}: exec", d["exec"], "eager|graph|fused") from None
+    eff = d.get("efficiency") or {}
+    if not isinstance(eff, dict):
+        raise PerfmodelError(f"{where}: efficiency: must map a hardware family to multipliers")
+    for fam, table in eff.items():
+        if not isinstance(table, dict):
+            raise PerfmodelError(f"{where}: efficiency.{fam}: must map compute/memory/<kind> to multipliers")
+        for k, v in table.items():
+            if k in ("compute", "memory"):
+                _num(f"{where}: efficiency.{fam}.{k}", v, 0.0, 2.0)
+            elif k == "kinds" and isinstance(v, dict):
+                for kind, mult in v.items():
+                    if kind not in KINDS or not isinstance(mult, dict):
+                        raise bad_value(f"{where}: efficiency.{fam}.kinds.{kind}", kind, "|".join(KINDS))
+                    for kk, vv in mult.items():
+                        if kk not in ("compute", "memory"):
+                            raise bad_value(f"{where}: efficiency.{fam}.kinds.{kind}.{kk}", kk, "compute|memory")
+                        _num(f"{where}: efficiency.{fam}.kinds.{kind}.{kk}", vv, 0.0, 2.0)
+            else:
+                raise bad_value(f"{where}: efficiency.{fam}.{k}", k, "compute|memory|kinds")
+    host = d.get("host_overhead_us") or {}
+    if isinstance(host, (int, float)):
+        host = {"default": host}
+    for fam, v in host.items():
+        if v != 0:
+            _num(f"{where}: host_overhead_us.{fam}", v, 0.0, 1e7)
+    blocks = d.get("kv_block_tokens", 16)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 4096:
+        raise bad_value(f"{where}: kv_block_tokens", blocks, "an integer in 1..4096")
+    return FrameworkProfile(name=str(d["name"]), description=str(d.get("description", d["name"])), exec_mode=mode,
+                            version=str(d.get("version", "")), efficiency=eff, host_overhead_us=dict(host),
+                            kv_block_tokens=blocks, weight_formats=tuple(d.get("weight_formats") or ()),
+                            kv_formats=tuple(d.get("kv_formats") or ()),
+                            native_compute=tuple(d.get("native_compute") or ()),
+                            provenance=d.get("provenance") or {}, path=where)
+
+
+@lru_cache(maxsize=None)
+def _builtin() -> dict[str, FrameworkProfile]:
+    out = {}
+    for f in sorted(resources.files("perfmodel.frameworks").iterdir(), key=lambda p: p.name):
+        if f.name.endswith(".yaml"):
+            prof = profile_from_dict(yaml.safe_load(f.read_text()), f.name)
+            out[prof.name] = prof
+    return out
+
+
+def list_frameworks() -> list[FrameworkProfile]:
+    return list(_builtin().values())
+
+
+def load_framework(name_or_path: str) -> FrameworkProfile:
+    lib = _builtin()
+    if name_or_path.lower() in lib:
+        return lib[name_or_path.lower()]
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise PerfmodelError(f"--framework: cannot read {name_or_path[:200]}: {e.strerror}") from None
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PerfmodelError(f"{p.name}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        return profile_from_dict(d, p.name)
+    raise bad_value("--framework", name_or_path[:200], "a profile YAML path or one of " + ", ".join(lib))
+
+
+def apply_framework(hw: HardwareSpec, prof: FrameworkProfile) -> HardwareSpec:
+    """The hardware as this framework runs on it: efficiencies scaled by the profile's multipliers (nominal,
+    optimistic and pessimistic alike) and the framework's host overhead per serving step."""
+    table = prof.efficiency_for(hw)
+
+    def scale(eff):
+        if eff is None:
+            return None
+        kc, km = dict(eff.kind_compute), dict(eff.kind_memory)
+        for kind in KINDS:
+            sub = (table.get("kinds") or {}).get(kind) or {}
+            if "compute" in sub:
+                kc[kind] = kc.get(kind, 1.0) * sub["compute"]
+            if "memory" in sub:
+                km[kind] = km.get(kind, 1.0) * sub["memory"]
+        return dataclasses.replace(eff, compute=min(1.0, eff.compute * table.get("compute", 1.0)),
+                                   memory=min(1.0, eff.memory * table.get("memory", 1.0)),
+                                   kind_compute=kc, kind_memory=km)
+
+    return dataclasses.replace(hw, efficiency=scale(hw.efficiency), optimistic=scale(hw.optimistic),
+                               pessimistic=scale(hw.pessimistic), host_overhead_us=prof.host_overhead_for(hw))
+
+
+def resolve_runtime(hw: HardwareSpec, exec_mode: str | None, framework: str | None):
+    """(hardware as run, exec mode, profile or None) from --exec and --framework: the profile names a mode,
+    --exec overrides it, and without either the serving default applies."""
+    prof = load_framework(framework) if framework else None
+    mode = check_exec_mode(exec_mode) if exec_mode else (prof.exec_mode if prof else DEFAULT_EXEC)
+    return (apply_framework(hw, prof) if prof else hw), mode, prof
