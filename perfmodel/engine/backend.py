@@ -92,11 +92,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, dtype: str = "fp32", device: str = "cpu"):
-        import warnings
-
-        with warnings.catch_warnings():  # torch.cuda warns that the pynvml wrapper package is deprecated
-            warnings.filterwarnings("ignore", message=".*pynvml.*", category=FutureWarning)
-            import torch
+        import torch
 
         self.torch = torch
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

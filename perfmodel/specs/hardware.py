@@ -7,9 +7,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from typing import Annotated
 
-from perfmodel.errors import PerfmodelError, bad_value
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
+
+from perfmodel.errors import PerfmodelError, bad_value, short
+from perfmodel.schemas import (Fraction, NonNegative, Positive, Strict, dataclass_schema, is_file, read_yaml_mapping,
+                               validate)
 
 
 @dataclass(frozen=True)
@@ -101,11 +106,11 @@ class HardwareSpec:
         prof = self.engines.get(engine)
         if not prof:
             return self
-        where = f"{self.name}: engines.{engine}"
         peaks = {**self.peak_tflops, **{str(k): float(v) for k, v in (prof.get("peak_tflops") or {}).items()}}
+        given = {k: v for k, v in (prof.get("efficiency") or {}).items() if v is not None}
         return dataclasses.replace(self, peak_tflops=peaks,
                                    vector_tflops=float(prof.get("vector_tflops", self.vector_tflops)),
-                                   efficiency=_eff(prof.get("efficiency"), self.efficiency, where))
+                                   efficiency=dataclasses.replace(self.efficiency, **given))
 
     def peak_flops(self, dtype: str) -> float:
         try:
@@ -147,72 +152,129 @@ def hardware_dirs() -> list[Path]:
     return out
 
 
-def _eff(d: dict | None, base: Efficiency, where: str) -> Efficiency:
-    if d is None:
+# --- the YAML schema ---------------------------------------------------------------------------------------
+# Efficiency fields are derived from the dataclass (a new Efficiency field is validated as a finite number >= 0,
+# a dict of them, ... with no change here); this table names the ones whose range is tighter.
+EFFICIENCY_RULES = {
+    "compute": Fraction, "memory": Fraction, "elementwise_memory": Fraction | None,
+    "kind_compute": dict[str, Positive], "kind_memory": dict[str, Positive],
+    "kind_overhead_us": dict[str, NonNegative], "op_overhead_map_us": dict[str, NonNegative],
+}
+# every field optional: a YAML efficiency block overrides the base it applies to (nominal, or the engine's)
+EfficiencySchema = dataclass_schema(Efficiency, EFFICIENCY_RULES, name="EfficiencySchema", all_optional=True)
+NominalEfficiencySchema = dataclass_schema(
+    Efficiency, EFFICIENCY_RULES, name="NominalEfficiencySchema", all_optional=True,
+    extra_fields={"optimistic": (EfficiencySchema | None, None), "pessimistic": (EfficiencySchema | None, None)})
+
+
+def _increasing_capacity(levels: list) -> list:
+    for a, b in zip(levels, levels[1:]):
+        if not b.capacity_mb > a.capacity_mb:
+            raise PydanticCustomError("perfmodel_range", f"must be listed smallest first (capacity_mb strictly "
+                                      f"increasing; {b.name!r} after {a.name!r})")
+    return levels
+
+
+def _some_peak(peaks: dict) -> dict:
+    if not peaks:
+        raise PydanticCustomError("perfmodel_range", "must list at least one dtype's peak (e.g. bf16: 989.4)")
+    return peaks
+
+
+class MemoryLevelSchema(Strict):
+    name: str
+    capacity_mb: Positive
+    bandwidth_gbps: Positive
+
+
+class MemorySchema(Strict):
+    capacity_gb: Positive
+    bandwidth_gbps: Positive
+    type: str = ""
+    levels: Annotated[list[MemoryLevelSchema], AfterValidator(_increasing_capacity)] = []
+
+
+class InterconnectSchema(Strict):
+    name: str
+    bandwidth_gbps: Positive  # per direction, per device
+    latency_us: NonNegative
+
+
+class EngineSchema(Strict):
+    """engines.<backend>: what one engine backend measured (calibrate), overriding the roofs it sees."""
+
+    peak_tflops: dict[str, Positive] = {}
+    vector_tflops: Positive | None = None
+    efficiency: EfficiencySchema | None = None
+
+
+class HardwareSchema(Strict):
+    """A hardware YAML. To add a field: add it to HardwareSpec (with a default) and one line here; a field with
+    the same name as a HardwareSpec field is passed through as is."""
+
+    name: str
+    description: str | None = None
+    kind: str = "gpu"
+    peak_tflops: Annotated[dict[str, Positive], AfterValidator(_some_peak)]
+    vector_tflops: Positive | None = None  # default: peak_tflops.fp32
+    memory: MemorySchema
+    onchip_cache_mb: Positive | None = None
+    interconnect: InterconnectSchema | None = None
+    launch_overhead_us: NonNegative = 4.0
+    kernel_min_us: NonNegative = 0.0
+    graph_launch_us: NonNegative | None = None
+    host_overhead_us: NonNegative = 0.0
+    efficiency: NominalEfficiencySchema | None = None
+    power_w: Positive | None = None
+    price_per_hour_usd: NonNegative | None = None
+    sources: dict | None = None
+    provenance: dict | None = None
+    engines: dict[str, EngineSchema] | None = None
+
+
+_SPEC_FIELDS = {f.name for f in dataclasses.fields(HardwareSpec)}
+_BUILT = {"name", "description", "peak_tflops", "vector_tflops", "memory", "interconnect", "efficiency", "sources",
+          "provenance", "engines"}
+
+
+def _eff(block, base: Efficiency) -> Efficiency:
+    """base with the fields a validated efficiency block gives."""
+    if block is None:
         return base
-    allowed = {f.name for f in dataclasses.fields(Efficiency)}
-    bad = sorted(set(d) - allowed - {"optimistic", "pessimistic"})
-    if bad:
-        raise PerfmodelError(f"{where}: unknown efficiency field {bad[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    vals = {k: v for k, v in d.items() if k in allowed}
-    for k, v in vals.items():
-        if k in ("kind_overhead_us", "kind_compute", "kind_memory", "op_overhead_map_us"):
-            if not isinstance(v, dict) or any(not isinstance(x, (int, float)) or x < 0 for x in v.values()):
-                raise bad_value(f"{where}: efficiency.{k}", v, "a mapping of operator kind to a number >= 0")
-        elif v is not None and (not isinstance(v, (int, float)) or v < 0):
-            raise bad_value(f"{where}: efficiency.{k}", v, "a non-negative number")
-    for k in ("compute", "memory"):
-        if k in vals and not 0 < vals[k] <= 1:
-            raise bad_value(f"{where}: efficiency.{k}", vals[k], "a number in (0, 1]")
-    return dataclasses.replace(base, **vals)
+    given = {k: v for k, v in block.model_dump(exclude={"optimistic", "pessimistic"}).items() if v is not None}
+    return dataclasses.replace(base, **given)
 
 
 def hardware_from_dict(d: dict, where: str = "hardware") -> HardwareSpec:
-    try:
-        mem = d["memory"]
-        peaks = {str(k): float(v) for k, v in d["peak_tflops"].items()}
-        eff = _eff(d.get("efficiency"), Efficiency(), where)
-        ic = d.get("interconnect")
-        spec = HardwareSpec(
-            name=str(d["name"]), description=str(d.get("description", d["name"])), kind=str(d.get("kind", "gpu")),
-            peak_tflops=peaks, vector_tflops=float(d.get("vector_tflops") or peaks.get("fp32", 0.0)),
-            memory_capacity_gb=float(mem["capacity_gb"]), memory_bandwidth_gbps=float(mem["bandwidth_gbps"]),
-            memory_type=str(mem.get("type", "")), onchip_cache_mb=d.get("onchip_cache_mb"),
-            interconnect=Interconnect(str(ic["name"]), float(ic["bandwidth_gbps"]), float(ic["latency_us"]))
-            if ic else None,
-            launch_overhead_us=float(d.get("launch_overhead_us", 4.0)),
-            memory_levels=tuple(MemoryLevel(str(lv["name"]), float(lv["capacity_mb"]) * 2**20,
-                                            float(lv["bandwidth_gbps"])) for lv in mem.get("levels") or ()),
-            kernel_min_us=float(d.get("kernel_min_us", 0.0)),
-            graph_launch_us=None if d.get("graph_launch_us") is None else float(d["graph_launch_us"]),
-            host_overhead_us=float(d.get("host_overhead_us", 0.0)),
-            efficiency=eff,
-            optimistic=_eff((d.get("efficiency") or {}).get("optimistic"), eff, where),
-            pessimistic=_eff((d.get("efficiency") or {}).get("pessimistic"), eff, where),
-            power_w=d.get("power_w"), price_per_hour_usd=d.get("price_per_hour_usd"),
-            sources=d.get("sources") or {}, provenance=d.get("provenance") or {}, engines=d.get("engines") or {},
-        )
-    except KeyError as e:
-        raise PerfmodelError(f"{where}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise PerfmodelError(f"{where}: bad field value ({e})") from None
-    if spec.memory_bandwidth_gbps <= 0 or spec.memory_capacity_gb <= 0:
-        raise PerfmodelError(f"{where}: memory.bandwidth_gbps and memory.capacity_gb must be positive")
-    if not peaks or min(peaks.values()) <= 0:
-        raise PerfmodelError(f"{where}: peak_tflops must list positive figures per dtype")
-    return spec
+    """Validate a hardware mapping (a parsed YAML) against HardwareSchema and build the HardwareSpec."""
+    if not isinstance(d, dict):
+        raise PerfmodelError(f"{where}: expected a mapping of fields, got {type(d).__name__}")
+    h = validate(HardwareSchema, d, where)
+    vector = h.vector_tflops or h.peak_tflops.get("fp32")
+    if vector is None:
+        raise PerfmodelError(f"{where}: vector_tflops: required when peak_tflops has no fp32 entry")
+    eff = _eff(h.efficiency, Efficiency())
+    ic = h.interconnect
+    passthrough = {k: getattr(h, k) for k in HardwareSchema.model_fields
+                   if k in _SPEC_FIELDS and k not in _BUILT}
+    return HardwareSpec(
+        name=h.name, description=h.description or h.name, peak_tflops=dict(h.peak_tflops), vector_tflops=vector,
+        memory_capacity_gb=h.memory.capacity_gb, memory_bandwidth_gbps=h.memory.bandwidth_gbps,
+        memory_type=h.memory.type,
+        memory_levels=tuple(MemoryLevel(lv.name, lv.capacity_mb * 2**20, lv.bandwidth_gbps) for lv in h.memory.levels),
+        interconnect=Interconnect(ic.name, ic.bandwidth_gbps, ic.latency_us) if ic else None,
+        efficiency=eff,
+        optimistic=_eff(h.efficiency.optimistic if h.efficiency else None, eff),
+        pessimistic=_eff(h.efficiency.pessimistic if h.efficiency else None, eff),
+        sources=h.sources or {}, provenance=h.provenance or {},
+        engines={k: v.model_dump(exclude_none=True) for k, v in (h.engines or {}).items()},
+        **{k: v for k, v in passthrough.items() if k not in ("memory_levels",)},
+    )
 
 
 def load_hardware_file(path: Path) -> HardwareSpec:
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise PerfmodelError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(d, dict):
-        raise PerfmodelError(f"{path}: expected a YAML mapping of fields")
-    return dataclasses.replace(hardware_from_dict(d, str(path)), path=str(path))
+    d = read_yaml_mapping(path)
+    return dataclasses.replace(hardware_from_dict(d, short(path)), path=str(path))
 
 
 def list_hardware() -> list[HardwareSpec]:
@@ -228,11 +290,11 @@ def load_hardware(name_or_path: str | HardwareSpec) -> HardwareSpec:
     if isinstance(name_or_path, HardwareSpec):
         return name_or_path
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
+    if p.suffix in (".yaml", ".yml") and is_file(p):
         return load_hardware_file(p)
     for d in hardware_dirs():
         cand = d / f"{str(name_or_path).lower()}.yaml"
-        if cand.is_file():
+        if is_file(cand):
             return load_hardware_file(cand)
     names = sorted({q.stem for d in hardware_dirs() for q in d.glob("*.yaml")})
     raise bad_value("hardware", str(name_or_path), "a YAML path or one of " + ", ".join(names))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from perfmodel.errors import PerfmodelError, bad_value
+from perfmodel.errors import PerfmodelError, bad_value, short, show
+from perfmodel.schemas import count, dataclass_schema, is_dir, is_file, number, read_text, read_yaml_mapping, validate
 
 FAMILIES = ("llama", "mixtral", "gpt2", "deepseek")
 
@@ -227,84 +228,168 @@ class ModelSpec:
         return d
 
 
-_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
+# --- the schema -------------------------------------------------------------------------------------------
+# Derived from the ModelSpec fields: a new field is validated by its annotation (int: an integer in [0, 2**31],
+# float: a finite number >= 0, str, bool, X | None) with no change here; add a line to MODEL_RULES only when
+# that default range is wrong for it. The bounds keep every count far from int64 overflow and every engine
+# array sized from a real shape (published models: hidden <= 25k, layers <= 160, vocab <= 262k, context 10M).
+MODEL_RULES = {
+    "hidden_size": count(1, 2**17), "num_layers": count(1, 2**11), "num_heads": count(1, 2**12),
+    "num_kv_heads": count(1, 2**12), "intermediate_size": count(1, 2**20), "vocab_size": count(1, 2**23),
+    "max_position": count(1, 2**27), "head_dim": count(0, 2**12), "sliding_window": count(1, 2**27) | None,
+    "rope_theta": number(gt=0), "norm_eps": number(gt=0, lt=1),
+    "num_experts": count(0, 2**14), "experts_per_token": count(0, 2**14), "num_shared_experts": count(0, 2**14),
+    "moe_intermediate_size": count(0, 2**20), "first_dense_layers": count(0, 2**11),
+    "q_lora_rank": count(1, 2**17) | None, "kv_lora_rank": count(0, 2**17), "qk_nope_head_dim": count(0, 2**12),
+    "qk_rope_head_dim": count(0, 2**12), "v_head_dim": count(0, 2**12), "num_encoder_layers": count(0, 2**11),
+    "published_params": number(gt=0) | None,
+}
+ModelSchema = dataclass_schema(ModelSpec, MODEL_RULES, name="ModelSchema")
+_FIELDS = set(ModelSchema.model_fields)
+_REQUIRED = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")
 
 
-def model_from_dict(name: str, d: dict) -> ModelSpec:
-    unknown = sorted(set(d) - _FIELDS)
+def _cross_checks(v: dict) -> tuple[str, object, str] | None:
+    """Constraints between fields, as (field, value, what is allowed) for the first one broken."""
+    if v["num_kv_heads"] > v["num_heads"]:
+        return "num_kv_heads", v["num_kv_heads"], f"must be <= num_heads ({v['num_heads']})"
+    if not v["head_dim"] and v["hidden_size"] < v["num_heads"]:
+        return "hidden_size", v["hidden_size"], f"must be >= num_heads ({v['num_heads']}) when head_dim is not given"
+    if v["experts_per_token"] > v["num_experts"]:
+        return "experts_per_token", v["experts_per_token"], f"must be <= num_experts ({v['num_experts']})"
+    if v["num_experts"] and not v["experts_per_token"]:
+        return "experts_per_token", 0, "must be >= 1 when num_experts is set"
+    if v["first_dense_layers"] > v["num_layers"]:
+        return "first_dense_layers", v["first_dense_layers"], f"must be <= num_layers ({v['num_layers']})"
+    if v["attention"] == "mla":
+        for f in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            if v[f] < 1:
+                return f, v[f], "must be an integer >= 1 for MLA attention"
+    if v["architecture"] == "encoder-decoder" and v["num_encoder_layers"] < 1:
+        return "num_encoder_layers", v["num_encoder_layers"], "must be an integer >= 1 for an encoder-decoder model"
+    return None
+
+
+def model_from_fields(d: dict, where: str, rename: dict[str, str] | None = None) -> ModelSpec:
+    """Validate ModelSpec fields (a parsed YAML, or a mapped config.json) and build the spec. rename maps a
+    ModelSpec field to the key the user wrote, so errors name their file's key."""
+    v = validate(ModelSchema, d, where, rename=rename).model_dump()
+    broken = _cross_checks(v)
+    if broken:
+        f, val, allowed = broken
+        raise PerfmodelError(f"{where}: {(rename or {}).get(f, f)}: {allowed}, got {show(val)}")
+    return ModelSpec(**v)
+
+
+def model_from_dict(name: str, d: dict, where: str | None = None) -> ModelSpec:
+    where = where or f"model {name}"
+    if not isinstance(d, dict):
+        raise PerfmodelError(f"{where}: expected a mapping of ModelSpec fields, got {type(d).__name__}")
+    unknown = sorted(set(d) - _FIELDS, key=str)
     if unknown:
-        raise PerfmodelError(f"model {name}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_FIELDS))}")
+        raise PerfmodelError(f"{where}: {short(unknown[0])}: unknown field; allowed: {', '.join(sorted(_FIELDS))}")
     d = {**d, "name": d.get("name", name)}
-    missing = [f for f in ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")
-               if f not in d]
+    missing = [f for f in _REQUIRED if f not in d]
     if missing:
-        raise PerfmodelError(f"model {name}: missing field {missing[0]!r}")
+        raise PerfmodelError(f"{where}: {missing[0]}: required field missing")
     d.setdefault("num_kv_heads", d["num_heads"])
-    # PyYAML reads 6.74e9 (no exponent sign) as a string; these fields are numbers whatever the spelling.
-    for f in ("published_params", "rope_theta", "norm_eps"):
-        if isinstance(d.get(f), str):
-            try:
-                d[f] = float(d[f])
-            except ValueError:
-                raise bad_value(f"model {name}: {f}", d[f], "a number") from None
-    try:
-        return ModelSpec(**d)
-    except TypeError as e:
-        raise PerfmodelError(f"model {name}: {e}") from None
+    return model_from_fields(d, where)
 
 
-def model_from_hf_config(cfg: dict, name: str = "") -> ModelSpec:
-    """Map a Hugging Face config.json (llama, mistral, qwen2, gemma, mixtral, gpt2, deepseek_v2/v3) to a ModelSpec."""
+def _int_or_none(x):
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def model_from_hf_config(cfg: dict, name: str = "", where: str = "config.json") -> ModelSpec:
+    """Map a Hugging Face config.json (llama, mistral, qwen2, gemma, mixtral, gpt2, bert, t5, deepseek_v2/v3) to
+    a ModelSpec. Every value goes through the model schema; errors name the config.json key."""
+    if not isinstance(cfg, dict):
+        raise PerfmodelError(f"{where}: expected a JSON object of config fields, got {type(cfg).__name__}")
     mt = cfg.get("model_type", "llama")
-    name = name or cfg.get("_name_or_path") or mt
+    if not isinstance(mt, str):
+        raise PerfmodelError(f"{where}: model_type: must be a string, got {show(mt)}")
+    name = name or str(cfg.get("_name_or_path") or mt)
+    kw: dict = {"name": name, "source": "config.json"}
+    rename: dict[str, str] = {}
+
+    def take(field: str, key: str, default=KeyError):
+        """kw[field] = cfg[key] (or default), remembering the key for error messages."""
+        if key not in cfg and default is KeyError:
+            raise PerfmodelError(f"{where}: {key}: required field missing (model_type {mt!r})")
+        kw[field] = cfg.get(key, default) if default is not KeyError else cfg[key]
+        rename[field] = key
+        return kw[field]
+
     if mt == "gpt2":
-        h = cfg["n_embd"]
-        return ModelSpec(name=name, family="gpt2", hidden_size=h, num_layers=cfg["n_layer"], num_heads=cfg["n_head"],
-                         num_kv_heads=cfg["n_head"], intermediate_size=cfg.get("n_inner") or 4 * h,
-                         vocab_size=cfg["vocab_size"], max_position=cfg.get("n_positions", 1024),
-                         tied_embeddings=True, norm_eps=cfg.get("layer_norm_epsilon", 1e-5), source="config.json")
-    if mt == "bert":
-        return ModelSpec(name=name, family="gpt2", architecture="encoder", hidden_size=cfg["hidden_size"],
-                         num_layers=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-                         num_kv_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
-                         vocab_size=cfg["vocab_size"], max_position=cfg.get("max_position_embeddings", 512),
-                         tied_embeddings=True, source="config.json")
-    if mt == "t5":
-        return ModelSpec(name=name, family="llama", architecture="encoder-decoder", hidden_size=cfg["d_model"],
-                         num_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
-                         num_encoder_layers=cfg["num_layers"], num_heads=cfg["num_heads"],
-                         num_kv_heads=cfg["num_heads"], head_dim=cfg["d_kv"], intermediate_size=cfg["d_ff"],
-                         vocab_size=cfg["vocab_size"], tied_embeddings=cfg.get("tie_word_embeddings", True),
-                         gated=cfg.get("feed_forward_proj", "relu").startswith("gated"),
-                         position_embedding="relative", max_position=512, source="config.json")
-    family = {"mixtral": "mixtral", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}.get(mt, "llama")
-    if "hidden_size" not in cfg:
-        raise PerfmodelError(f"config.json: model_type {mt!r} lacks hidden_size; supported: llama, mistral, qwen2, "
-                             "gemma, mixtral, gpt2, deepseek_v2, deepseek_v3")
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    kw = dict(
-        name=name, family=family, hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
-        num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=cfg.get("head_dim") or 0, intermediate_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"], max_position=cfg.get("max_position_embeddings", 4096),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
-        sliding_window=window, rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), activation="gelu" if mt.startswith("gemma") else "silu",
-        source="config.json",
-    )
-    if mt == "mixtral":
-        kw.update(num_experts=cfg["num_local_experts"], experts_per_token=cfg["num_experts_per_tok"])
-    if family == "deepseek":
-        kw.update(attention="mla", q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
-                  qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
-                  v_head_dim=cfg["v_head_dim"], num_experts=cfg.get("n_routed_experts") or 0,
-                  experts_per_token=cfg.get("num_experts_per_tok") or 0,
-                  num_shared_experts=cfg.get("n_shared_experts") or 0,
-                  moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
-                  first_dense_layers=cfg.get("first_k_dense_replace", 0))
-    return ModelSpec(**kw)
+        h = take("hidden_size", "n_embd")
+        take("num_layers", "n_layer")
+        take("num_heads", "n_head")
+        take("num_kv_heads", "n_head")
+        take("intermediate_size", "n_inner", None)
+        if kw["intermediate_size"] is None and _int_or_none(h) is not None:
+            kw["intermediate_size"] = 4 * h
+        take("vocab_size", "vocab_size")
+        take("max_position", "n_positions", 1024)
+        take("norm_eps", "layer_norm_epsilon", 1e-5)
+        kw.update(family="gpt2", tied_embeddings=True)
+    elif mt == "bert":
+        for f, k in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                     ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_attention_heads"),
+                     ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size")):
+            take(f, k)
+        take("max_position", "max_position_embeddings", 512)
+        kw.update(family="gpt2", architecture="encoder", tied_embeddings=True)
+    elif mt == "t5":
+        take("hidden_size", "d_model")
+        take("num_encoder_layers", "num_layers")
+        take("num_layers", "num_decoder_layers", None)
+        if kw["num_layers"] is None:
+            take("num_layers", "num_layers")
+        for f, k in (("num_heads", "num_heads"), ("num_kv_heads", "num_heads"), ("head_dim", "d_kv"),
+                     ("intermediate_size", "d_ff"), ("vocab_size", "vocab_size")):
+            take(f, k)
+        take("tied_embeddings", "tie_word_embeddings", True)
+        kw.update(family="llama", architecture="encoder-decoder", position_embedding="relative", max_position=512,
+                  gated=str(cfg.get("feed_forward_proj", "relu")).startswith("gated"))
+    else:
+        if "hidden_size" not in cfg:
+            raise PerfmodelError(f"{where}: model_type {mt!r} lacks hidden_size; supported: llama, mistral, qwen2, "
+                                 "gemma, mixtral, gpt2, bert, t5, deepseek_v2, deepseek_v3")
+        family = {"mixtral": "mixtral", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}.get(mt, "llama")
+        for f, k in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                     ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size"),
+                     ("vocab_size", "vocab_size")):
+            take(f, k)
+        take("num_kv_heads", "num_key_value_heads", None)
+        if kw["num_kv_heads"] is None:
+            take("num_kv_heads", "num_attention_heads")
+        take("head_dim", "head_dim", None)
+        kw["head_dim"] = kw["head_dim"] or 0
+        take("max_position", "max_position_embeddings", 4096)
+        take("tied_embeddings", "tie_word_embeddings", False)
+        take("rope_theta", "rope_theta", 10000.0)
+        take("norm_eps", "rms_norm_eps", 1e-5)
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        kw.update(family=family, sliding_window=window, activation="gelu" if mt.startswith("gemma") else "silu",
+                  qkv_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)))
+        rename["sliding_window"] = "sliding_window"
+        if mt == "mixtral":
+            take("num_experts", "num_local_experts")
+            take("experts_per_token", "num_experts_per_tok")
+        if family == "deepseek":
+            kw["attention"] = "mla"
+            take("q_lora_rank", "q_lora_rank", None)
+            for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                take(f, f)
+            for f, k in (("num_experts", "n_routed_experts"), ("experts_per_token", "num_experts_per_tok"),
+                         ("num_shared_experts", "n_shared_experts"), ("moe_intermediate_size", "moe_intermediate_size"),
+                         ("first_dense_layers", "first_k_dense_replace")):
+                take(f, k, None)
+                kw[f] = kw[f] or 0
+    for f in ("tied_embeddings",):  # JSON booleans only: "false" must not read as True
+        if not isinstance(kw.get(f, False), bool):
+            raise PerfmodelError(f"{where}: {rename.get(f, f)}: must be true or false, got {show(kw[f])}")
+    return model_from_fields(kw, where, rename)
 
 
 @lru_cache(maxsize=1)
@@ -317,18 +402,6 @@ def list_models() -> list[ModelSpec]:
     return [model_from_dict(n, d) for n, d in _library().items()]
 
 
-def _read_yaml(path: Path) -> dict:
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise PerfmodelError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(d, dict):
-        raise PerfmodelError(f"{path}: expected a YAML mapping of fields, got {type(d).__name__}")
-    return d
-
-
 def load_model(name_or_path: str | ModelSpec) -> ModelSpec:
     """A library name (case-insensitive), a YAML file, a config.json, or a folder holding config.json."""
     if isinstance(name_or_path, ModelSpec):
@@ -338,17 +411,17 @@ def load_model(name_or_path: str | ModelSpec) -> ModelSpec:
     if key in lib:
         return model_from_dict(key, lib[key])
     p = Path(name_or_path)
-    if p.is_dir() and (p / "config.json").exists():
+    if is_dir(p) and is_file(p / "config.json"):
         p = p / "config.json"
-    if p.is_file():
+    if is_file(p):
+        where = short(p)
         if p.suffix == ".json":
             try:
-                cfg = json.loads(p.read_text())
+                cfg = json.loads(read_text(p, where))
             except json.JSONDecodeError as e:
-                raise PerfmodelError(f"{p}: malformed JSON: {e.msg} at line {e.lineno}") from None
-            try:
-                return model_from_hf_config(cfg, name=p.parent.name if p.name == "config.json" else p.stem)
-            except KeyError as e:
-                raise PerfmodelError(f"{p}: config.json lacks field {e.args[0]!r}") from None
-        return model_from_dict(p.stem, _read_yaml(p))
+                raise PerfmodelError(f"{where}: malformed JSON: {e.msg} at line {e.lineno}") from None
+            except RecursionError:
+                raise PerfmodelError(f"{where}: malformed JSON: nested too deeply") from None
+            return model_from_hf_config(cfg, name=p.parent.name if p.name == "config.json" else p.stem, where=where)
+        return model_from_dict(p.stem, read_yaml_mapping(p), where=where)
     raise bad_value("model", str(name_or_path), "a file path or one of " + ", ".join(lib))
