@@ -21,8 +21,13 @@ from perfmodel.costmodel.roofline import op_timings, phase_summary
 from perfmodel.errors import PerfmodelError
 from perfmodel.planning.deploy import Deployment, memory_per_device
 from perfmodel.planning.workload import Requests
+from perfmodel.schemas import TOKENS_MAX, count, validate
 
 CTX_BUCKET = 64
+
+
+CHUNK_MIN = 16  # the smallest chunked-prefill budget (real engines use 256 to 8192 tokens)
+TABLE_MAX = 2**21  # entries of the decode step-cost table (batch x context buckets): about 1 GB while built
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,14 @@ class SchedulerConfig:
     max_batch: int = 256
     block_tokens: int = 16
     chunked_prefill: int = 0  # token budget per iteration for prefill chunks; 0: whole prompts at once
+
+    def __post_init__(self) -> None:
+        for f, rule in (("max_batch", count(1, 2**20)), ("block_tokens", count(1, 2**16)),
+                        ("chunked_prefill", count(0, TOKENS_MAX))):
+            validate(rule, getattr(self, f), f"--{f.replace('_', '-')}")
+        if 0 < self.chunked_prefill < CHUNK_MIN:  # a budget of a few tokens takes one iteration per token
+            raise PerfmodelError(f"--chunked-prefill: must be 0 (off) or an integer in [{CHUNK_MIN}, {TOKENS_MAX}], "
+                                 f"got {self.chunked_prefill}")
 
 
 class StepCosts:
@@ -62,9 +75,7 @@ class StepCosts:
 
 def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerConfig(),
              ttft_slo: float | None = None, tpot_slo: float | None = None) -> dict:
-    n = len(reqs)
-    if n == 0:
-        raise PerfmodelError("simulate: no requests")
+    n = len(reqs.check("simulate"))
     par = dep.parallelism
     kv_tok = dep.model.num_layers * kv_bytes_per_token_layer(dep.model, dep.precision.kv_cache) / (par.tp * par.pp)
     mem = memory_per_device(dep, 0, 0)
@@ -75,7 +86,14 @@ def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerCo
     if total_blocks * cfg.block_tokens < longest:
         raise PerfmodelError(f"simulate: the KV budget ({total_blocks} blocks of {cfg.block_tokens} tokens) cannot "
                              f"hold one {longest}-token request beside the weights")
-    costs = StepCosts(dep, cfg.max_batch, longest + 1)
+    # no batch is larger than the requests or the KV blocks, so the table need not be either
+    table_batch = max(1, min(cfg.max_batch, n, total_blocks))
+    entries = table_batch * ((longest + 1) // CTX_BUCKET + 2)
+    if entries > TABLE_MAX:
+        raise PerfmodelError(f"simulate: the decode cost table (batch {table_batch} x {entries // table_batch:,} "
+                             f"context buckets = {entries:,} entries) exceeds {TABLE_MAX:,}; lower --max-batch "
+                             "or the request lengths")
+    costs = StepCosts(dep, table_batch, longest + 1)
     blocks = lambda tokens: -(-tokens // cfg.block_tokens)  # noqa: E731
 
     arrival, inp, out = reqs.arrival_s, reqs.input_tokens.astype(np.int64), reqs.output_tokens.astype(np.int64)
@@ -90,7 +108,16 @@ def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerCo
     free = total_blocks
     t, nxt, done, preemptions, iterations = 0.0, 0, 0, 0, 0
     busy = 0.0
+    # every iteration runs work (a prefill chunk or a decode step) or jumps to the next arrival, so the loop is
+    # bounded by the work; the bound below is the last resort against a scheduling bug (preemption thrash)
+    chunk = cfg.chunked_prefill or int(inp.max())
+    max_loops = 4 * (2 * n + int(out.sum()) + int((-(-inp // chunk)).sum())) + 10_000
+    loops = 0
     while done < n:
+        loops += 1
+        if loops > max_loops:
+            raise PerfmodelError(f"simulate: no progress after {max_loops:,} scheduler iterations ({done} of {n} "
+                                 f"requests done, {preemptions} preemptions); the KV budget thrashes")
         while nxt < n and arrival[nxt] <= t:
             waiting.append(nxt)
             nxt += 1
@@ -100,7 +127,7 @@ def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerCo
         # admit FCFS while the batch has room and the prompt's blocks are free
         while waiting and len(running) < cfg.max_batch:
             r = waiting[0]
-            need = blocks(to_prefill[r] + generated[r] + 1)
+            need = blocks(inp[r] + generated[r] + 1)  # prompt + generated so far (recomputed after a preemption)
             if need > free:
                 break
             waiting.popleft()
@@ -127,8 +154,13 @@ def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerCo
         if decoding:
             ctx = float(np.mean(inp[decoding] + generated[decoding]))
             step += costs.decode(len(decoding), ctx)
-        if step == 0.0:  # nothing could run (budget exhausted by nothing): wait for an arrival
-            t = arrival[nxt] if nxt < n else t
+        if step == 0.0:  # nothing could run: wait for an arrival, or stop when none is left to wait for
+            if nxt >= n:
+                head = waiting[0] if waiting else None
+                raise PerfmodelError("simulate: the queue cannot make progress" + (
+                    f" (request {head} needs {blocks(inp[head] + generated[head] + 1)} KV blocks, {free} free)"
+                    if head is not None else ""))
+            t = arrival[nxt]
             continue
         t += step
         busy += step

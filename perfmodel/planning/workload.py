@@ -1,4 +1,9 @@
-"""Serving workloads: request lengths (fixed, distributions, or a CSV trace) and arrival rate."""
+"""Serving workloads: request lengths (fixed, distributions, or a CSV trace) and arrival rate.
+
+Every input is validated before anything is sampled or simulated: distribution parameters and trace columns
+through the schema rules (perfmodel.schemas), so 'lognormal:1500:-1', 'uniform:10:1', an empty trace, a NaN
+arrival or a negative length is one error line, never a NumPy error or a nonsense plan.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from perfmodel.errors import PerfmodelError
+from perfmodel.errors import PerfmodelError, short, show
+from perfmodel.schemas import (TOKENS_MAX, count, is_dir, is_file, number, read_csv_strings, validate,
+                               validate_column)
+
+MAX_REQUESTS = 10_000_000
+MAX_SIGMA = 5.0  # lognormal sigma: at 5 the p90 length is already 600x the median
+_LENGTH = number(ge=1, le=TOKENS_MAX)
+_SPREAD = number(ge=0, le=TOKENS_MAX)
+_TOKENS = count(1, TOKENS_MAX)
+# kind: the parameters after the kind, each with its rule
+_KINDS = {"uniform": (("LO", _LENGTH), ("HI", _LENGTH)), "normal": (("MEAN", _LENGTH), ("STD", _SPREAD)),
+          "lognormal": (("MEDIAN", _LENGTH), ("SIGMA", number(ge=0, le=MAX_SIGMA)))}
+_SYNTAX = "N, uniform:LO:HI, normal:MEAN:STD or lognormal:MEDIAN:SIGMA"
 
 
 @dataclass(frozen=True)
 class LengthDist:
-    """'512' (fixed), 'uniform:128:2048', 'normal:512:128', 'lognormal:512:0.6' (median, sigma)."""
+    """'512' (fixed), 'uniform:128:2048', 'normal:512:128', 'lognormal:512:0.6' (median, sigma).
+    Samples are rounded and kept within [1, TOKENS_MAX] tokens."""
 
     kind: str
     a: float
@@ -22,26 +39,31 @@ class LengthDist:
     @staticmethod
     def parse(field: str, text: str) -> "LengthDist":
         parts = str(text).split(":")
-        try:
-            if len(parts) == 1:
-                return LengthDist("fixed", float(parts[0]))
-            if parts[0] in ("uniform", "normal", "lognormal") and len(parts) == 3:
-                return LengthDist(parts[0], float(parts[1]), float(parts[2]))
-        except ValueError:
-            pass
-        raise PerfmodelError(f"{field}: {text!r} is not valid; allowed: N, uniform:LO:HI, normal:MEAN:STD, "
-                             "lognormal:MEDIAN:SIGMA")
+        where = f"{field}: {show(text)}"
+        if len(parts) == 1:
+            return LengthDist("fixed", validate(_LENGTH, parts[0].strip(), f"{where}: N"))
+        if parts[0] not in _KINDS or len(parts) != 3:
+            raise PerfmodelError(f"{field}: {show(text)} is not valid; allowed: {_SYNTAX}")
+        (na, ra), (nb, rb) = _KINDS[parts[0]]
+        a = validate(ra, parts[1].strip(), f"{where}: {na}")
+        b = validate(rb, parts[2].strip(), f"{where}: {nb}")
+        if parts[0] == "uniform" and b < a:
+            raise PerfmodelError(f"{where}: HI: must be >= LO ({a:g}), got {b:g}")
+        return LengthDist(parts[0], a, b)
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        n = validate(count(0, MAX_REQUESTS), n, "requests")
         if self.kind == "fixed":
             x = np.full(n, self.a)
         elif self.kind == "uniform":
             x = rng.uniform(self.a, self.b, n)
         elif self.kind == "normal":
             x = rng.normal(self.a, self.b, n)
-        else:
+        elif self.kind == "lognormal":
             x = self.a * np.exp(rng.normal(0.0, self.b, n))
-        return np.maximum(np.rint(x), 1).astype(np.int64)
+        else:
+            raise PerfmodelError(f"length distribution: {show(self.kind)}; allowed: fixed, {', '.join(_KINDS)}")
+        return np.clip(np.rint(x), 1, TOKENS_MAX).astype(np.int64)
 
 
 @dataclass
@@ -53,25 +75,54 @@ class Requests:
     def __len__(self) -> int:
         return len(self.arrival_s)
 
+    def check(self, where: str = "requests") -> "Requests":
+        """Refuse what no simulation can run: no requests, too many, NaN or decreasing arrivals, lengths
+        outside [1, TOKENS_MAX] (a check of arrays already built; traces are validated row by row on read)."""
+        n = len(self.arrival_s)
+        if n == 0:
+            raise PerfmodelError(f"{where}: no requests")
+        if n > MAX_REQUESTS:
+            raise PerfmodelError(f"{where}: {n:,} requests; allowed: at most {MAX_REQUESTS:,}")
+        if not (len(self.input_tokens) == len(self.output_tokens) == n):
+            raise PerfmodelError(f"{where}: arrival, input and output columns differ in length")
+        for name, col, rule in (("arrival_s", self.arrival_s, number(ge=0)), ("input_tokens", self.input_tokens,
+                                _TOKENS), ("output_tokens", self.output_tokens, _TOKENS)):
+            validate_column(np.asarray(col).tolist(), rule, where, name)
+        if n > 1 and np.any(np.diff(self.arrival_s) < 0):
+            raise PerfmodelError(f"{where}: arrival_s: must be sorted in time")
+        return self
+
 
 def poisson_requests(rate: float, n: int, inp: LengthDist, out: LengthDist, seed: int = 0) -> Requests:
-    if rate <= 0:
-        raise PerfmodelError(f"--rate: {rate} is not valid; allowed: requests per second > 0")
+    rate = validate(number(gt=0, le=1e9), rate, "--rate")
+    n = validate(count(1, MAX_REQUESTS), n, "--requests")
+    seed = validate(count(0, 2**32 - 1), seed, "--seed")
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     return Requests(arrivals, inp.sample(n, rng), out.sample(n, rng))
 
 
 def trace_requests(path: Path) -> Requests:
-    """CSV with arrival_s (or timestamp), input_tokens, output_tokens (or input, output)."""
-    if not Path(path).is_file():
-        raise PerfmodelError(f"--trace: {path} not found")
-    df = pd.read_csv(path)
-    cols = {c.lower(): c for c in df.columns}
+    """CSV with arrival_s (or timestamp), input_tokens, output_tokens (or input, output); every row checked."""
+    where = short(path)
+    if is_dir(path):
+        raise PerfmodelError(f"--trace: {where}: is a folder, expected a CSV file")
+    if not is_file(path):
+        raise PerfmodelError(f"--trace: {where} not found")
+    df = read_csv_strings(path, f"--trace: {where}")
+    cols = {str(c).strip().lower(): c for c in df.columns}
     pick = lambda *names: next((cols[n] for n in names if n in cols), None)  # noqa: E731
     a, i, o = pick("arrival_s", "timestamp", "arrival"), pick("input_tokens", "input"), pick("output_tokens", "output")
     if not (a and i and o):
-        raise PerfmodelError(f"--trace: {path} needs columns arrival_s, input_tokens, output_tokens")
-    df = df.sort_values(a)
-    t = df[a].to_numpy(dtype=float)
-    return Requests(t - t[0], df[i].to_numpy(dtype=np.int64), df[o].to_numpy(dtype=np.int64))
+        raise PerfmodelError(f"--trace: {where} needs columns arrival_s, input_tokens, output_tokens")
+    if len(df) == 0:
+        raise PerfmodelError(f"--trace: {where}: no requests (a header and no rows)")
+    if len(df) > MAX_REQUESTS:
+        raise PerfmodelError(f"--trace: {where}: {len(df):,} requests; allowed: at most {MAX_REQUESTS:,}")
+    # row numbers as in a spreadsheet: the header is row 1
+    t = np.asarray(validate_column(df[a].tolist(), number(ge=0, le=1e12), f"--trace: {where}", a, 2))
+    inp = np.asarray(validate_column(df[i].tolist(), _TOKENS, f"--trace: {where}", i, 2), dtype=np.int64)
+    out = np.asarray(validate_column(df[o].tolist(), _TOKENS, f"--trace: {where}", o, 2), dtype=np.int64)
+    order = np.argsort(t, kind="stable")
+    t = t[order]
+    return Requests(t - t[0], inp[order], out[order])

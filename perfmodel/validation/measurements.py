@@ -19,68 +19,140 @@ import pandas as pd
 
 from perfmodel.costmodel.operators import Precision
 from perfmodel.costmodel.request import Workload, analyze
-from perfmodel.errors import PerfmodelError
+from pydantic import BaseModel
+
+from perfmodel.errors import PerfmodelError, short
+from perfmodel.schemas import (TOKENS_MAX, count, is_dir, is_file, number, read_csv_strings, read_text, validate,
+                               validate_column)
 from perfmodel.specs import load_hardware, load_model
 from perfmodel.specs.hardware import HardwareSpec
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s", "tokens_per_s")
+WORKLOAD = ("model", "hardware", "batch", "input", "output")
+MAX_ROWS = 100_000  # every row is one analysis
+_MEASURED = number(gt=0)  # a measured time or rate: finite and positive
+_TOKENS = count(1, TOKENS_MAX)
 
 
 def read_measurements(path: Path, defaults: dict) -> pd.DataFrame:
-    if not path.is_file():
+    """Measured runs as a DataFrame (model, hardware, batch, input, output and the measured metrics; NaN where
+    a row did not measure a metric). Every value is validated: '<file>: row N: <column>: <allowed>, got <v>'."""
+    where = short(path)
+    if is_dir(path):
+        raise PerfmodelError(f"--measurements: {where}: is a folder, expected a file")
+    if not is_file(path):
         raise PerfmodelError(f"--measurements: {path} not found")
-    text = path.read_text()
     if path.suffix == ".json":
-        return _vllm_json(json.loads(text), defaults, path)
+        try:
+            d = json.loads(read_text(path, where))
+        except json.JSONDecodeError as e:
+            raise PerfmodelError(f"{where}: malformed JSON: {e.msg} at line {e.lineno}") from None
+        except RecursionError:
+            raise PerfmodelError(f"{where}: malformed JSON: nested too deeply") from None
+        return _vllm_json(d, defaults, where)
+    text = read_text(path, where)
+    if not text.strip():
+        raise PerfmodelError(f"{where}: empty file; expected a CSV, a llama-bench table or a vLLM JSON result")
     if "|" in text.splitlines()[0] and "t/s" in text:
-        return _llama_bench(text, defaults)
-    df = pd.read_csv(path)
+        return _llama_bench(text, defaults, where)
+    return _csv(path, defaults, where)
+
+
+def _csv(path: Path, defaults: dict, where: str) -> pd.DataFrame:
+    df = read_csv_strings(path, where)
+    df.columns = [str(c).strip() for c in df.columns]
+    if len(df) == 0:
+        raise PerfmodelError(f"{where}: no rows (a header and nothing measured)")
+    if len(df) > MAX_ROWS:
+        raise PerfmodelError(f"{where}: {len(df):,} rows; allowed: at most {MAX_ROWS:,}")
+    scale = {}  # metric -> factor to seconds, for the columns given in milliseconds
     for ms in ("ttft", "tpot", "e2e"):
         if f"{ms}_ms" in df and f"{ms}_s" not in df:
-            df[f"{ms}_s"] = df[f"{ms}_ms"] / 1e3
-    for col in ("model", "hardware", "batch", "input", "output"):
+            df[f"{ms}_s"] = df.pop(f"{ms}_ms")
+            scale[f"{ms}_s"] = 1e-3
+    out = {}
+    for col in WORKLOAD:
         if col not in df:
             if defaults.get(col) is None:
-                raise PerfmodelError(f"{path}: column {col!r} missing (or pass --{col})")
-            df[col] = defaults[col]
-    if not any(m in df for m in METRICS):
-        raise PerfmodelError(f"{path}: no measured column; allowed: {', '.join(METRICS)} (or *_ms)")
-    return df
+                raise PerfmodelError(f"{where}: column {col!r} missing (or pass --{col})")
+            df[col] = str(defaults[col])
+        values = df[col].tolist()
+        if col in ("model", "hardware"):
+            bad = next((i for i, v in enumerate(values) if not v.strip()), None)
+            if bad is not None:
+                raise PerfmodelError(f"{where}: row {bad + 2}: {col}: must name a {col}, got ''")
+            out[col] = [v.strip() for v in values]
+        else:
+            out[col] = validate_column(values, _TOKENS, where, col, first_row=2)
+    present = [m for m in METRICS if m in df]
+    if not present:
+        raise PerfmodelError(f"{where}: no measured column; allowed: {', '.join(METRICS)} (or *_ms)")
+    for m in present:
+        values = df[m].tolist()
+        given = [i for i, v in enumerate(values) if v.strip() != ""]  # an empty cell: not measured in that row
+        name = m if m not in scale else m.replace("_s", "_ms")
+        checked = validate_column([values[i] for i in given], _MEASURED, where, name, first_row=2, rows=given)
+        col = np.full(len(values), np.nan)
+        col[given] = np.asarray(checked, dtype=float) * scale.get(m, 1.0)
+        out[m] = col
+    measured = np.column_stack([np.isfinite(out[m]) for m in present]).any(axis=1)
+    if not measured.all():
+        raise PerfmodelError(f"{where}: row {int(np.argmin(measured)) + 2}: no measured value in "
+                             f"{', '.join(present)}")
+    return pd.DataFrame(out)
 
 
-def _llama_bench(text: str, d: dict) -> pd.DataFrame:
+def _llama_bench(text: str, d: dict, where: str) -> pd.DataFrame:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    if len(lines) < 3:
+        raise PerfmodelError(f"{where}: llama-bench table: no rows under the header")
     header = [h.strip() for h in lines[0].strip("|").split("|")]
+    if "test" not in header or "t/s" not in header:
+        raise PerfmodelError(f"{where}: llama-bench table: the header needs 'test' and 't/s' columns")
+    if d.get("model") is None or d.get("hardware") is None:
+        raise PerfmodelError("llama-bench table: pass --model and --hardware (the table names a file, not a spec)")
     rows = []
-    for ln in lines[2:]:
+    for k, ln in enumerate(lines[2:], start=3):
         cells = dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
-        test, tps = cells.get("test", ""), float(cells["t/s"].split("±")[0])
-        m = re.match(r"(pp|tg)(\d+)", test)
+        m = re.fullmatch(r"(pp|tg)(\d+)", cells.get("test", ""))
         if not m:
             continue
-        n = int(m.group(2))
-        row = {"model": d.get("model"), "hardware": d.get("hardware"), "batch": d.get("batch") or 1}
+        tps = validate(_MEASURED, cells.get("t/s", "").split("±")[0].strip(), f"{where}: table row {k}: t/s")
+        n = validate(_TOKENS, m.group(2), f"{where}: table row {k}: test")
+        row = {"model": d["model"], "hardware": d["hardware"], "batch": d.get("batch") or 1}
         if m.group(1) == "pp":
             row.update(input=n, output=1, ttft_s=n / tps)
         else:
             row.update(input=d.get("input") or 1, output=n + 1, tpot_s=1 / tps)
         rows.append(row)
-    if not rows or rows[0]["model"] is None or rows[0]["hardware"] is None:
-        raise PerfmodelError("llama-bench table: pass --model and --hardware (the table names a file, not a spec)")
+    if not rows:
+        raise PerfmodelError(f"{where}: llama-bench table: no pp<N> or tg<N> rows")
     return pd.DataFrame(rows)
 
 
-def _vllm_json(d: dict, defaults: dict, path: Path) -> pd.DataFrame:
-    need = [k for k in ("model", "hardware", "batch", "input", "output") if defaults.get(k) is None]
+class _VllmResult(BaseModel):
+    """The fields read from a vLLM benchmark JSON (serving or latency); others are ignored."""
+
+    mean_ttft_ms: _MEASURED | None = None
+    mean_tpot_ms: _MEASURED | None = None
+    avg_latency: _MEASURED | None = None
+
+
+def _vllm_json(d, defaults: dict, where: str) -> pd.DataFrame:
+    if not isinstance(d, dict):
+        raise PerfmodelError(f"{where}: expected a JSON object (a vLLM benchmark result), got {type(d).__name__}")
+    need = [k for k in WORKLOAD if defaults.get(k) is None]
     if need:
-        raise PerfmodelError(f"{path}: vLLM results do not say the workload; pass --{need[0]}")
-    row = {k: defaults[k] for k in ("model", "hardware", "batch", "input", "output")}
-    if "mean_ttft_ms" in d:
-        row.update(ttft_s=d["mean_ttft_ms"] / 1e3, tpot_s=d.get("mean_tpot_ms", math.nan) / 1e3)
-    elif "avg_latency" in d:
-        row.update(e2e_s=d["avg_latency"])
+        raise PerfmodelError(f"{where}: vLLM results do not say the workload; pass --{need[0]}")
+    r = validate(_VllmResult, d, where)
+    row = {k: defaults[k] for k in WORKLOAD}
+    if r.mean_ttft_ms is not None:
+        row.update(ttft_s=r.mean_ttft_ms / 1e3,
+                   tpot_s=math.nan if r.mean_tpot_ms is None else r.mean_tpot_ms / 1e3)
+    elif r.avg_latency is not None:
+        row.update(e2e_s=r.avg_latency)
     else:
-        raise PerfmodelError(f"{path}: no mean_ttft_ms or avg_latency; not a vLLM benchmark result")
+        raise PerfmodelError(f"{where}: no mean_ttft_ms or avg_latency; not a vLLM benchmark result")
     return pd.DataFrame([row])
 
 
