@@ -92,18 +92,36 @@ def test_eos_stops_and_per_sequence_lengths():
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("structure", ["eager", "fused"])
 @pytest.mark.parametrize("backend,dtype,flash", [("numpy", "fp32", False), ("torch", "fp32", True),
                                                  ("torch", "bf16", True), ("torch", "bf16", False)])
-def test_engine_counts_equal_cost_model_exactly(arch, backend, dtype, flash):
+def test_engine_counts_equal_cost_model_exactly(arch, backend, dtype, flash, structure):
+    """Per operator, phase and step, in both operator structures (the fused one is the cost model's fused
+    execution mode: qkv_proj, gate_up_proj, add_norm, and with flash RoPE + KV write inside attention)."""
     if backend == "torch":
         pytest.importorskip("torch")
     spec = _spec(arch)
     tr = Tracer(enabled=True, timed=False)
-    m = Transformer(spec, random_weights(spec, 6), make_backend(backend, dtype), flash=flash, tracer=tr)
+    m = Transformer(spec, random_weights(spec, 6), make_backend(backend, dtype), flash=flash, tracer=tr,
+                    structure=structure)
     B, T = 3, 9
     generate(m, [list(range(1, T + 1))] * B, 7, SamplingParams())
-    mism = compare_generation(spec, tr.records, B, T, Precision(dtype, dtype, dtype), flash, tr.experts_touched)
+    mism = compare_generation(spec, tr.records, B, T, Precision(dtype, dtype, dtype), flash, tr.experts_touched,
+                              exec_mode=structure)
     assert not mism, "\n".join(map(str, mism[:10]))
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen-qkv-bias", "mixtral-moe", "gpt2", "mistral-window"])
+@pytest.mark.parametrize("backend,flash", [("numpy", False), ("torch", True)])
+def test_fused_structure_gives_the_same_logits(arch, backend, flash):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    spec = _spec(arch)
+    w = random_weights(spec, 8)
+    ids = np.random.default_rng(2).integers(0, spec.vocab_size, (2, 10))
+    eager = _prefill_decode_logits(Transformer(spec, w, make_backend(backend), flash=flash), ids, 4)
+    fused = _prefill_decode_logits(Transformer(spec, w, make_backend(backend), flash=flash, structure="fused"), ids, 4)
+    np.testing.assert_allclose(fused, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_kv_cache_real_bytes_follow_formula():

@@ -3,6 +3,12 @@
 Covers the library's families at their true shapes: Llama (RMSNorm, RoPE, GQA/MQA, SwiGLU, tied or untied
 head), Mixtral (router + top-k experts) and GPT-2 (LayerNorm, GELU, learned positions, biases). Every operator
 is recorded under the cost model's name with FLOPs from the real shapes and bytes from the real tensors.
+
+Two operator structures, the cost model's (perfmodel.costmodel.operators): `eager`, one operator per step of
+the maths, and `fused`, the serving engines' fusions run as single operators: Q/K/V as one qkv_proj matmul over
+concatenated weights, gate/up as one gate_up_proj with the activation applied to its output, each residual add
+with the norm after it (add_norm), and with FlashAttention, RoPE and the KV-cache write inside the attention
+operator. perfmodel.engine.compiled runs either structure under torch.compile.
 """
 
 from __future__ import annotations
@@ -88,15 +94,31 @@ class KVCache:
         return per_token * self.length
 
 
+@dataclass
+class FusedLayer:
+    """A layer's concatenated weights for the fused structure."""
+
+    qkv: object
+    qkv_b: object = None
+    gate_up: object = None  # [h, 2f] (gated) or the up weight (plain MLP, activation fused in)
+    experts: list | None = None  # [(gate_up [h, 2f], down)] per expert
+
+
+STRUCTURES = ("eager", "fused")
+
+
 class Transformer:
     def __init__(self, spec: ModelSpec, weights: Weights, backend, flash: bool = False,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, structure: str = "eager"):
         if spec.is_mla:
             raise PerfmodelError(f"model {spec.name}: the reference engine runs llama, mixtral and gpt2 families; "
                                  "MLA (deepseek) is modelled analytically only")
         if flash and backend.name != "torch":
             raise PerfmodelError("--flash: FlashAttention needs --backend torch (the numpy backend materialises scores)")
-        self.spec, self.be, self.flash = spec, backend, flash
+        if structure not in STRUCTURES:
+            raise PerfmodelError(f"engine structure: {structure!r} is not valid; allowed: {'|'.join(STRUCTURES)}")
+        self.spec, self.be, self.flash, self.structure = spec, backend, flash, structure
+        self.fused = structure == "fused"
         # fold attention's 1/sqrt(head_dim) into the query projection (RoPE is linear, so this is exact):
         # the score kernel then needs no extra elementwise pass over Q
         scale = 1.0 / math.sqrt(spec.head_dim)
@@ -105,6 +127,10 @@ class Transformer:
                                             for lw in weights.layers],
                           weights.final_norm, weights.final_norm_b, weights.lm_head, weights.pos_emb)
         self.w = weights.map(backend.asarray)
+        if self.w.lm_head is None and backend.name == "numpy":
+            # a contiguous [hidden, vocab] copy: BLAS streams it ~25 % faster than the embedding's transposed view
+            self.w.lm_head = np.ascontiguousarray(self.w.tok_emb.T)
+        self.fw = [self._fuse_layer(lw) for lw in self.w.layers] if self.fused else None
         self.tr = tracer or Tracer(enabled=False)
         self.tr.sync = backend.sync
         if spec.positions == "rope":
@@ -124,9 +150,10 @@ class Transformer:
         y = self.be.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
         if b is not None:
             y = y + b
-        rows, (k, n) = numel(x) // x.shape[-1], tuple(w.shape)
-        self.tr.record(t0, name, "matmul", layer, 2 * rows * k * n + (rows * n if b is not None else 0),
-                       weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x), act_write_bytes=self._nb(y))
+        if self.tr.enabled:
+            rows, (k, n) = numel(x) // x.shape[-1], tuple(w.shape)
+            self.tr.record(t0, name, "matmul", layer, 2 * rows * k * n + (rows * n if b is not None else 0),
+                           weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x), act_write_bytes=self._nb(y))
         return y
 
     def _norm(self, name, layer, x, w, b=None):
@@ -135,16 +162,40 @@ class Transformer:
             y = self.be.layernorm(x, w, b, self.spec.norm_eps)
         else:
             y = x * self.be.rsqrt_mean_square(x, self.spec.norm_eps) * w
-        self.tr.record(t0, name, "elementwise", layer, FLOPS_PER_ELEMENT[self.spec.norm] * numel(x),
-                       weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x), act_write_bytes=self._nb(y))
+        if self.tr.enabled:
+            self.tr.record(t0, name, "elementwise", layer, FLOPS_PER_ELEMENT[self.spec.norm] * numel(x),
+                           weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x), act_write_bytes=self._nb(y))
         return y
 
     def _add(self, name, layer, x, y):
         t0 = self.tr.start()
         z = x + y
-        self.tr.record(t0, name, "elementwise", layer, numel(z), act_read_bytes=self._nb(x, y),
-                       act_write_bytes=self._nb(z))
+        if self.tr.enabled:
+            self.tr.record(t0, name, "elementwise", layer, numel(z), act_read_bytes=self._nb(x, y),
+                           act_write_bytes=self._nb(z))
         return z
+
+    def _fuse_layer(self, lw: LayerWeights) -> FusedLayer:
+        be = self.be
+        cat = lambda xs: be.asarray(np.concatenate([np.asarray(be.to_numpy(x)) for x in xs], axis=-1))  # noqa: E731
+        qkv_b = cat([lw.q_b, lw.k_b, lw.v_b]) if lw.q_b is not None else None
+        experts = [(cat([g, u]), d) for g, u, d in lw.experts] if lw.experts else None
+        gate_up = cat([lw.gate, lw.up]) if lw.gate is not None else lw.up
+        return FusedLayer(cat([lw.q, lw.k, lw.v]), qkv_b, gate_up, experts)
+
+    def _add_norm(self, layer, x, y, w, b=None):
+        """The residual add fused with the norm after it: one pass writes the sum and its normed value."""
+        t0 = self.tr.start()
+        z = x + y
+        if self.spec.norm == "layernorm":
+            h = self.be.layernorm(z, w, b, self.spec.norm_eps)
+        else:
+            h = z * self.be.rsqrt_mean_square(z, self.spec.norm_eps) * w
+        if self.tr.enabled:
+            self.tr.record(t0, "add_norm", "elementwise", layer,
+                           (FLOPS_PER_ELEMENT[self.spec.norm] + FLOPS_PER_ELEMENT["add"]) * numel(z),
+                           weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x, y), act_write_bytes=self._nb(z, h))
+        return z, h
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False, pad: np.ndarray | None = None):
@@ -163,13 +214,23 @@ class Transformer:
         mask = self._mask(B, T, P, pad)
         if s.positions == "rope":  # gathered once per forward; every layer's rope still reads them
             self._rope_tables = (be.asarray(self._cos[pos])[:, None, :, :], be.asarray(self._sin[pos])[:, None, :, :])
-        for i, lw in enumerate(self.w.layers):
-            h = self._norm("attn_norm", i, x, lw.attn_norm, lw.attn_norm_b)
+        layers = self.w.layers
+        if self.fused:  # later norms take the residual add before them along (add_norm)
+            h = self._norm("attn_norm", 0, x, layers[0].attn_norm, layers[0].attn_norm_b)
+        for i, lw in enumerate(layers):
+            if not self.fused:
+                h = self._norm("attn_norm", i, x, lw.attn_norm, lw.attn_norm_b)
             a = self._attention(i, lw, h, pos, cache, mask)
-            x = self._add("attn_residual", i, x, a)
-            h = self._norm("mlp_norm", i, x, lw.mlp_norm, lw.mlp_norm_b)
+            if self.fused:
+                x, h = self._add_norm(i, x, a, lw.mlp_norm, lw.mlp_norm_b)
+            else:
+                x = self._add("attn_residual", i, x, a)
+                h = self._norm("mlp_norm", i, x, lw.mlp_norm, lw.mlp_norm_b)
             m = self._moe(i, lw, h) if lw.router is not None else self._mlp(i, lw, h)
-            x = self._add("mlp_residual", i, x, m)
+            if self.fused and i + 1 < len(layers):
+                x, h = self._add_norm(i, x, m, layers[i + 1].attn_norm, layers[i + 1].attn_norm_b)
+            else:
+                x = self._add("mlp_residual", i, x, m)
         cache.length = P + T
         if hasattr(cache, "after_forward"):  # compress what left the dense window (prefill attention stayed dense)
             cache.advance_queries(T)
@@ -225,19 +286,30 @@ class Transformer:
         be, s, tr = self.be, self.spec, self.tr
         B, T, _ = h.shape
         nq, nkv, d = s.num_heads, s.num_kv_heads, s.head_dim
-        q = be.transpose(self._linear("q_proj", i, h, lw.q, lw.q_b).reshape(B, T, nq, d), (0, 2, 1, 3))
-        k = be.transpose(self._linear("k_proj", i, h, lw.k, lw.k_b).reshape(B, T, nkv, d), (0, 2, 1, 3))
-        v = be.transpose(self._linear("v_proj", i, h, lw.v, lw.v_b).reshape(B, T, nkv, d), (0, 2, 1, 3))
+        P = cache.length
+        # under a sliding window only the band the new queries can see is read
+        first = max(0, P - s.sliding_window + 1) if s.sliding_window else 0
+        if self.fused:
+            fw = self.fw[i]
+            qkv = self._linear("qkv_proj", i, h, fw.qkv, fw.qkv_b)
+            split = lambda a, b, n: be.transpose(qkv[..., a * d:b * d].reshape(B, T, n, d), (0, 2, 1, 3))  # noqa
+            q, k, v = split(0, nq, nq), split(nq, nq + nkv, nkv), split(nq + nkv, nq + 2 * nkv, nkv)
+            if self.flash and not hasattr(cache, "read"):
+                out = self._fused_flash_attention(i, qkv, q, k, v, pos, cache, mask, P, first)
+                return self._linear("o_proj", i, be.transpose(out, (0, 2, 1, 3)).reshape(B, T, nq * d), lw.o,
+                                    lw.o_b)
+        else:
+            q = be.transpose(self._linear("q_proj", i, h, lw.q, lw.q_b).reshape(B, T, nq, d), (0, 2, 1, 3))
+            k = be.transpose(self._linear("k_proj", i, h, lw.k, lw.k_b).reshape(B, T, nkv, d), (0, 2, 1, 3))
+            v = be.transpose(self._linear("v_proj", i, h, lw.v, lw.v_b).reshape(B, T, nkv, d), (0, 2, 1, 3))
         if s.positions == "rope":
             q, k = self._rope(i, q, k, pos)
-        P = cache.length
         t0 = tr.start()
         cache.k[i][:, :, P:P + T] = k
         cache.v[i][:, :, P:P + T] = v
-        tr.record(t0, "kv_write", "memory", i, 0, act_read_bytes=self._nb(k, v),
-                  kv_write_bytes=self._nb(cache.k[i][:, :, P:P + T], cache.v[i][:, :, P:P + T]))
-        # under a sliding window only the band the new queries can see is read
-        first = max(0, P - s.sliding_window + 1) if s.sliding_window else 0
+        if tr.enabled:
+            tr.record(t0, "kv_write", "memory", i, 0, act_read_bytes=self._nb(k, v),
+                      kv_write_bytes=self._nb(cache.k[i][:, :, P:P + T], cache.v[i][:, :, P:P + T]))
         alive = None
         if hasattr(cache, "read"):  # a compressing cache: attention reads its storage back every step
             t0 = tr.start()
@@ -264,6 +336,40 @@ class Transformer:
                 cache.record_output(i, out)
         out = be.transpose(out, (0, 2, 1, 3)).reshape(B, T, nq * d)
         return self._linear("o_proj", i, out, lw.o, lw.o_b)
+
+    def _fused_flash_attention(self, i, qkv, q, k, v, pos, cache, mask, P, first):
+        """RoPE, the KV-cache write and FlashAttention as one operator: it reads the qkv output (and the rope
+        tables) once and the cache only for the keys cached before this step; the new tokens' K/V enter from
+        the qkv output, as in a fused kernel (here SDPA then reads them back from the cache slice it just wrote,
+        a few bytes per decode step that stay in cache)."""
+        be, s, tr = self.be, self.spec, self.tr
+        nq, nkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+        B, _, T, _ = q.shape
+        t0 = tr.start()
+        flops = 0
+        if s.positions == "rope":
+            cos, sin = self._rope_tables
+            half = d // 2
+
+            def rot(x):
+                return x * cos + be.concat([-x[..., half:], x[..., :half]], -1) * sin
+
+            q, k = rot(q), rot(k)
+            flops = FLOPS_PER_ELEMENT["rope"] * (numel(q) + numel(k))
+        cache.k[i][:, :, P:P + T] = k
+        cache.v[i][:, :, P:P + T] = v
+        kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
+        m = mask[..., first:]
+        out = be.sdpa(q, kc, vc, be.torch.as_tensor(m, device=be.device), nkv != nq)
+        if tr.enabled:
+            pairs = int(m.sum()) * nq
+            tables = self._nb(*self._rope_tables) if s.positions == "rope" else 0
+            tr.record(t0, "attention", "attention", i, flops + pairs * (4 * d + FLOPS_PER_ELEMENT["softmax"]),
+                      act_read_bytes=self._nb(qkv) + tables,
+                      kv_read_bytes=self._nb(cache.k[i][:, :, first:P], cache.v[i][:, :, first:P]),
+                      kv_write_bytes=self._nb(cache.k[i][:, :, P:P + T], cache.v[i][:, :, P:P + T]),
+                      act_write_bytes=self._nb(out))
+        return out
 
     def _blocked_attention(self, i, q, kc, vc, mask, first, P, pairs, alive=None, cache=None):
         """Causal attention with the scores materialised, a block of ATTN_BLOCK query rows at a time: each
@@ -310,6 +416,10 @@ class Transformer:
 
     def _mlp(self, i, lw, h, prefix=""):
         be, tr = self.be, self.tr
+        if self.fused:
+            return self._linear(f"{prefix}down_proj", i, self._gate_up(i, h, self.fw[i].gate_up,
+                                                                       None if self.spec.gated_mlp else lw.up_b,
+                                                                       prefix), lw.down, lw.down_b)
         if self.spec.gated_mlp:
             g = self._linear(f"{prefix}gate_proj", i, h, lw.gate)
             u = self._linear(f"{prefix}up_proj", i, h, lw.up)
@@ -326,6 +436,31 @@ class Transformer:
         tr.record(t0, f"{prefix}act", "elementwise", i, FLOPS_PER_ELEMENT["gelu"] * numel(y),
                   act_read_bytes=self._nb(u), act_write_bytes=self._nb(y))
         return self._linear(f"{prefix}down_proj", i, y, lw.down, lw.down_b)
+
+    def _gate_up(self, i, h, w, b=None, prefix="", name=None):
+        """gate_up_proj: one matmul over [gate | up] with act(gate) * up applied to its output (up_act_proj:
+        a plain MLP's up matmul with its GELU)."""
+        be, tr, s = self.be, self.tr, self.spec
+        t0 = tr.start()
+        y = be.matmul(h.reshape(-1, h.shape[-1]), w)
+        if b is not None:
+            y = y + b
+        if s.gated_mlp:
+            f = w.shape[-1] // 2
+            g = y[:, :f]
+            out = (be.silu(g) if s.activation == "silu" else be.gelu(g)) * y[:, f:]
+            act = "silu_mul" if s.activation == "silu" else "gelu_mul"
+            name = name or f"{prefix}gate_up_proj"
+        else:
+            f, act = w.shape[-1], "gelu"
+            out = be.gelu(y)
+            name = name or f"{prefix}up_act_proj"
+        rows = numel(h) // h.shape[-1]
+        if tr.enabled:
+            tr.record(t0, name, "matmul", i, 2 * rows * h.shape[-1] * w.shape[-1] + (rows * f if b is not None else 0)
+                      + FLOPS_PER_ELEMENT[act] * rows * f, weight_bytes=self._nb(w, b), act_read_bytes=self._nb(h),
+                      act_write_bytes=self._nb(out))
+        return out.reshape(*h.shape[:-1], f)
 
     def _moe(self, i, lw, h):
         """Mixtral-style: softmax over the top-k router logits, each token through its k experts."""
@@ -355,12 +490,24 @@ class Transformer:
                       act_read_bytes=sum(self._nb(*ins) for ins in inputs), act_write_bytes=self._nb(*outs))
             return outs
 
-        gs = per_expert("expert_gate", lambda e, a: be.matmul(a, lw.experts[e][0]), [(a,) for a in xs], 0)
-        us = per_expert("expert_up", lambda e, a: be.matmul(a, lw.experts[e][1]), [(a,) for a in xs], 1)
-        t0 = tr.start()
-        ys = [be.silu(g) * u for g, u in zip(gs, us)]
-        tr.record(t0, "expert_act_mul", "elementwise", i, FLOPS_PER_ELEMENT["silu_mul"] * sum(numel(y) for y in ys),
-                  act_read_bytes=self._nb(*gs, *us), act_write_bytes=self._nb(*ys))
+        if self.fused:  # each expert's [gate | up] matmul with the activation on its output, one operator
+            t0 = tr.start()
+            enabled, tr.enabled = tr.enabled, False
+            gus = [self.fw[i].experts[e][0] for e, _ in groups]
+            ys = [self._gate_up(i, a, gu) for a, gu in zip(xs, gus)]
+            tr.enabled = enabled
+            f = s.moe_intermediate_size
+            tr.record(t0, "expert_gate_up", "matmul", i, sum(numel(a) * 2 * 2 * f + FLOPS_PER_ELEMENT["silu_mul"]
+                                                             * numel(y) for a, y in zip(xs, ys)),
+                      weight_bytes=self._nb(*gus), act_read_bytes=self._nb(*xs), act_write_bytes=self._nb(*ys))
+        else:
+            gs = per_expert("expert_gate", lambda e, a: be.matmul(a, lw.experts[e][0]), [(a,) for a in xs], 0)
+            us = per_expert("expert_up", lambda e, a: be.matmul(a, lw.experts[e][1]), [(a,) for a in xs], 1)
+            t0 = tr.start()
+            ys = [be.silu(g) * u for g, u in zip(gs, us)]
+            tr.record(t0, "expert_act_mul", "elementwise", i,
+                      FLOPS_PER_ELEMENT["silu_mul"] * sum(numel(y) for y in ys),
+                      act_read_bytes=self._nb(*gs, *us), act_write_bytes=self._nb(*ys))
         ds = per_expert("expert_down", lambda e, a: be.matmul(a, lw.experts[e][2]), [(y,) for y in ys], 2)
         t0 = tr.start()
         out = be.zeros((B * T, hd))

@@ -46,14 +46,17 @@ def op_totals(ops) -> dict:
 
 
 def model_totals(spec: ModelSpec, batch: int, new: int, past: int, precision: Precision, flash: bool,
-                 experts_touched=None, all_logits: bool = False) -> dict:
+                 experts_touched=None, all_logits: bool = False, exec_mode: str = "eager") -> dict:
     return op_totals(phase_ops(spec, batch, new, past, precision, flash, experts_touched=experts_touched,
-                               all_logits=all_logits, phase="prefill" if past == 0 and new > 1 else None))
+                               all_logits=all_logits, phase="prefill" if past == 0 and new > 1 else None,
+                               exec_mode=exec_mode))
 
 
 def compare_generation(spec: ModelSpec, records: list[OpRecord], batch: int, prompt_len: int,
-                       precision: Precision, flash: bool, experts_touched: list[int] | None = None) -> list[Mismatch]:
-    """Every (phase, step, operator, field) of a cached generation of equal-length prompts."""
+                       precision: Precision, flash: bool, experts_touched: list[int] | None = None,
+                       exec_mode: str = "eager") -> list[Mismatch]:
+    """Every (phase, step, operator, field) of a cached generation of equal-length prompts. exec_mode: the
+    engine's operator structure ("eager", or "fused" for Transformer(structure="fused"))."""
     eng = engine_totals(records)
     mism: list[Mismatch] = []
     moe_layers = spec.moe_layers
@@ -63,7 +66,7 @@ def compare_generation(spec: ModelSpec, records: list[OpRecord], batch: int, pro
         if moe_layers and experts_touched is not None:
             # the engine logs one count per MoE layer per step; the model takes their mean
             touched = sum(experts_touched[step * moe_layers:(step + 1) * moe_layers]) / moe_layers
-        pred = model_totals(spec, batch, new, past, precision, flash, touched)
+        pred = model_totals(spec, batch, new, past, precision, flash, touched, exec_mode=exec_mode)
         for name in sorted(set(ops) | set(pred)):
             e, m = ops.get(name), pred.get(name)
             if e is None or m is None:
