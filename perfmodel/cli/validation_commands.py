@@ -59,10 +59,14 @@ def validate(
     backend: str = typer.Option(None, help="only cases of this backend"),
     repeats: int = typer.Option(3, help="timed repeats per point (after one warm-up)"),
     measurements: Path = typer.Option(None, help="validate measurements of another engine instead (CSV, "
-                                                 "llama-bench table, vLLM JSON)"),
+                                                 "llama-bench table, vLLM JSON), or 'builtin': the published "
+                                                 "measurements set (perfmodel/data/measurements.csv)"),
     model: str = typer.Option(None, help="with --measurements: model when the file does not say"),
     batch: int = typer.Option(None), input: int = typer.Option(None, "--input"), output: int = typer.Option(None),
-    fit: bool = typer.Option(False, "--fit", help="with --measurements: fit compute and memory efficiency"),
+    fit: bool = typer.Option(False, "--fit", help="with --measurements: fit compute and memory efficiency; on the "
+                                                  "published schema, write each framework's fitted numbers to YAML"),
+    framework: str = typer.Option(None, "--framework", help="with --measurements in the published schema: only "
+                                                           "this framework (vllm, tensorrt-llm, llama.cpp, ...)"),
     out_dir: Path = typer.Option(None, help="report folder (default: reports/validation-<machine>)"),
     format: str = typer.Option("table", "--format", help="table | json | csv"),
 ) -> None:
@@ -72,7 +76,12 @@ def validate(
 
     check_format(format)
     if measurements is not None:
-        _validate_measurements(measurements, hardware, model, batch, input, output, fit, format)
+        from perfmodel.validation.measurements import is_published_csv
+
+        if is_published_csv(measurements):
+            _validate_published(measurements, framework, fit, out_dir, format)
+        else:
+            _validate_measurements(measurements, hardware, model, batch, input, output, fit, format)
         return
     from rich.progress import Progress
 
@@ -179,3 +188,70 @@ def _validate_measurements(path, hardware, model, batch, input, output, fit, for
         console().print(f"fitted efficiency: compute {result['fitted']['compute']:.3f}, memory "
                         f"{result['fitted']['memory']:.3f}")
         print_table(result["error_after_fit"], title="after the fit", columns=cols)
+
+
+def _validate_published(path, framework, fit, out_dir, format):
+    """Published measurements: every row predicted (or listed with why not), the error per framework and metric
+    before fitting, then a fit per framework on one half of a split by source, reported on the other half."""
+    from rich.progress import Progress
+
+    from perfmodel.validation import measurements as pm
+
+    df = pm.read_published(path)
+    label = "builtin (perfmodel/data/measurements.csv)" if str(path) == "builtin" else str(path)
+    if framework is not None:
+        known = sorted(df["framework"].unique())
+        if framework not in known:
+            raise bad_value("--framework", framework, "|".join(known))
+        df = df[df["framework"] == framework].reset_index(drop=True)
+    with Progress(transient=True, disable=format != "table") as prog:
+        task = prog.add_task("predicting the published rows", total=len(df))
+        evals, unexpressed = pm.evaluate_published(df, progress=lambda: prog.advance(task))
+        prog.update(task, description="fitting on the half 'fit', scoring the held-out half")
+        rep = pm.holdout_report(evals, df)
+    written = []
+    if fit:
+        for fw, fitted in rep["fitted"].items():
+            dest = (out_dir or Path("reports")) / f"framework-fit-{fw}.yaml"
+            written.append(str(pm.write_profile(dest, fitted, rep, label)))
+    half = rep["split"]
+    rows = [{"row": r.e.row, "framework": r.framework, "half": half[r.source], "hardware": r.e.hw.name,
+             "model": r.e.model.name, "metric": r.e.metric, "measured": r.e.measured, "nominal": r.nominal,
+             "fitted": r.predict(rep["fitted"][r.framework]) if r.framework in rep["fitted"] else None,
+             "roofline": r.roofline, "source": r.source} for r in evals]
+    result = {"measurements": label, "rows": len(df), "predicted": len(evals), "not_expressible": unexpressed,
+              "error_before_fit": rep["before_all"], "heldout_before_fit": rep["before_heldout"],
+              "heldout_after_fit": rep["after_heldout"], "fit_half_after_fit": rep["after_fit_half"],
+              "fitted": rep["fitted"], "split": half, "profiles": written}
+    if emit(format, result, rows):
+        return
+    pct = lambda v: f"{v:.1f} %"  # noqa: E731
+    sgn = lambda v: f"{v:+.1f} %"  # noqa: E731
+    c = console()
+    c.print(f"{label}: {len(df)} rows, {len(evals)} predicted, {len(unexpressed)} not expressible (listed below)")
+    print_table(rep["before_all"], title="error before fitting (library hardware, nominal efficiency), all rows",
+                columns={"framework": ("framework", str), "metric": ("metric", str), "n": ("n", str),
+                         "median_abs_pct": ("median |err|", pct), "p90_abs_pct": ("p90", pct),
+                         "bias_pct": ("bias", sgn)})
+    after = {(r["framework"], r["metric"]): r for r in rep["after_heldout"]}
+    held = [{**b, **{f"{k}_after": after.get((b["framework"], b["metric"]), {}).get(k, float("nan"))
+                     for k in ("median_abs_pct", "p90_abs_pct", "bias_pct")}} for b in rep["before_heldout"]]
+    print_table(held, title=f"held-out half ({rep['n_heldout']} rows; fitted on {rep['n_fit']} rows of other "
+                            "sources): before -> after the fit",
+                columns={"framework": ("framework", str), "metric": ("metric", str), "n": ("n", str),
+                         "median_abs_pct": ("median before", pct), "median_abs_pct_after": ("after", pct),
+                         "p90_abs_pct": ("p90 before", pct), "p90_abs_pct_after": ("after", pct),
+                         "bias_pct": ("bias before", sgn), "bias_pct_after": ("after", sgn)})
+    keys = list(pm.DEFAULT_PARAMS)
+    print_table([{"framework": fw, **{k: p[k] for k in keys}, "n": p["provenance"]["n"]}
+                 for fw, p in rep["fitted"].items()], title="fitted numbers (fit half)",
+                columns={"framework": ("framework", str), **{k: (k.replace("_", " "), lambda v: f"{v:.4g}")
+                                                                for k in keys}, "n": ("rows", str)})
+    by_reason: dict[str, list[int]] = {}
+    for u in unexpressed:
+        by_reason.setdefault(u["reason"], []).append(u["row"])
+    print_table([{"reason": k, "n": len(v), "rows": " ".join(map(str, v))} for k, v in by_reason.items()],
+                title="rows the cost model cannot express (line numbers in the CSV)",
+                columns={"reason": ("reason", str), "n": ("n", str), "rows": ("rows", str)})
+    for w in written:
+        c.print(f"wrote [bold]{w}[/bold]")

@@ -21,7 +21,7 @@ from perfmodel.costmodel.operators import Precision
 from perfmodel.costmodel.request import Workload, analyze
 from pydantic import BaseModel
 
-from perfmodel.errors import PerfmodelError, short
+from perfmodel.errors import PerfmodelError, bad_value, short
 from perfmodel.schemas import (TOKENS_MAX, count, is_dir, is_file, number, read_csv_strings, read_text, validate,
                                validate_column)
 from perfmodel.specs import load_hardware, load_model
@@ -210,3 +210,647 @@ def fit_efficiency(df: pd.DataFrame, hw: HardwareSpec, precision=None, flash=Tru
         cs = np.clip(best[2] * np.geomspace(1 / step, step, 7), 0.01, 1.0)
         ms = np.clip(best[3] * np.geomspace(1 / step, step, 7), 0.01, 1.0)
     return best[1], best[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Published measurements (perfmodel/data/measurements.csv and any CSV in its schema): one row per printed number.
+#
+# Conventions of the prediction (the same for the nominal, the fitted and the pure-roofline figures):
+# - Latency rows: TTFT is the prefill of the row's batch (batch 1 unless stated); TPOT the mean decode step; an
+#   end-to-end latency is the prefill plus output-1 decode steps of the batch, each step against the grown cache
+#   (perfmodel.costmodel.request.analyze for one device; the same operators split by perfmodel.costmodel.parallel
+#   with their collectives for tensor parallelism).
+# - Throughput rows (static batch, a concurrency, or offline): the steady state of B concurrent requests is taken
+#   as B requests that start together: one batched prefill, then output-1 decode steps at batch B, so the rate is
+#   B*output/(prefill + decode steps). Decode dominates for long outputs; mixing prefill chunks into decode steps
+#   (which shares their weight reads) is not modelled. When the source prints no batch (an offline max-throughput
+#   run), B is the largest batch whose KV cache fits beside the weights (perfmodel.planning.deploy.max_batch, 10 %
+#   reserve, at most 4096); the roofline bound uses every byte of memory instead, the largest batch physically
+#   possible.
+# - llama-bench: pp N is one prefill of N tokens (tokens/s = N/prefill); tg N is N decode steps from an empty cache.
+# - A row's KV dtype left blank (not stated by the source) is predicted in its activation dtype.
+# - Scenarios marked "pad-token inputs" (TensorRT-LLM's gptSessionBenchmark fills every input with the pad token and
+#   decodes greedily) run identical sequences of identical tokens: every token routes to the same k experts, so a
+#   MoE step reads k experts, not the distinct experts of independent tokens.
+# ---------------------------------------------------------------------------------------------------------------
+
+PUBLISHED_COLUMNS = (
+    "source", "source_date_or_commit", "framework", "framework_version", "model", "model_id", "weight_dtype",
+    "activation_dtype", "kv_dtype", "hardware", "gpus", "tp", "pp", "ep", "batch_or_concurrency", "input_tokens",
+    "output_tokens", "metric", "value", "unit", "per", "scenario", "notes")
+LATENCY_METRICS = ("ttft_s", "tpot_s", "e2e_s")
+RATE_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "output_tokens_per_s", "total_tokens_per_s",
+                "requests_per_s")
+UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "tokens/s": 1.0, "requests/s": 1.0}
+FIT_STEP_SAMPLES = 64  # decode steps sampled per row inside the fit's objective (reported figures use every step)
+
+
+def builtin_measurements_path() -> Path:
+    return Path(__file__).resolve().parents[1] / "data" / "measurements.csv"
+
+
+def is_published_csv(path: Path) -> bool:
+    """True for 'builtin' and for a CSV whose header holds the published-measurements columns."""
+    if str(path) == "builtin":
+        return True
+    if path.suffix != ".csv" or not path.is_file():
+        return False
+    header = path.read_text().splitlines()[:1]
+    cols = set(header[0].split(",")) if header else set()
+    return {"source", "framework", "metric", "value", "unit", "per"} <= cols
+
+
+def read_published(path: Path | str = "builtin") -> pd.DataFrame:
+    """The published-measurements table; `row` numbers each row as its line in the file (header = line 1)."""
+    p = builtin_measurements_path() if str(path) == "builtin" else Path(path)
+    if not p.is_file():
+        raise PerfmodelError(f"--measurements: {p} not found")
+    df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    missing = [c for c in PUBLISHED_COLUMNS if c not in df.columns]
+    if missing:
+        raise PerfmodelError(f"{p}: column {missing[0]!r} missing; the published-measurements schema has "
+                             + ", ".join(PUBLISHED_COLUMNS))
+    for i, r in df.iterrows():
+        where = f"{p} line {i + 2}"
+        if not r["source"].strip():
+            raise PerfmodelError(f"{where}: source: empty; every row needs a URL")
+        if r["unit"] not in UNITS:
+            raise bad_value(f"{where}: unit", r["unit"], "|".join(UNITS))
+        if r["per"] not in ("gpu", "system", "request"):
+            raise bad_value(f"{where}: per", r["per"], "gpu|system|request")
+        try:
+            if not float(r["value"]) > 0:
+                raise ValueError
+        except ValueError:
+            raise bad_value(f"{where}: value", r["value"], "a positive number") from None
+    df.insert(0, "row", np.arange(len(df)) + 2)
+    return df
+
+
+def _int(s: str, default: int | None = None) -> int | None:
+    s = str(s).strip()
+    if not s:
+        return default
+    return int(float(s))
+
+
+GROUPS = ("other", "attention", "moe")  # operator groups a framework's fit may slow down or speed up
+
+
+def _group(op) -> int:
+    if op.kind == "attention" or op.name in ("qk", "softmax", "av"):
+        return 1
+    if op.name.startswith("expert_"):
+        return 2
+    return 0
+
+
+DEFAULT_PARAMS = {"compute_efficiency": 1.0, "memory_efficiency": 1.0, "attention_multiplier": 1.0,
+                  "moe_multiplier": 1.0, "prefill_overhead_us": 0.0, "step_overhead_us": 0.0,
+                  "collective_latency_us": 0.0, "matmul_half_dim": 0.0}
+# where the data cannot tell, a fitted number stays near the cost model's default (a log-space prior, weight 1)
+PRIOR = {"compute_efficiency": 0.7, "memory_efficiency": 0.8, "attention_multiplier": 1.0, "moe_multiplier": 1.0}
+
+
+def collectives_per_pass(model, par) -> int:
+    """All-reduces (2 per layer under tensor parallelism), all-to-alls (2 per MoE layer under expert parallelism)
+    and pipeline sends of one forward pass: each pays the framework's collective latency."""
+    n = 2 * model.num_layers if par.tp > 1 else 0
+    if model.is_moe and par.ep > 1:
+        n += 2 * model.moe_layers
+    return n + par.pp - 1
+
+
+@dataclasses.dataclass
+class _Phase:
+    """One phase of one row at efficiency 1 and no overheads: per-op compute and memory seconds (layers folded in).
+    compute/memory have shape (ops,) for prefill and (ops, steps) for decode; group is each op's GROUPS index;
+    comm_s is the collectives' seconds summed over the phase's passes."""
+
+    compute: np.ndarray
+    memory: np.ndarray
+    group: np.ndarray
+    passes: int
+    comm_s: float = 0.0
+    weight: float = 1.0  # a sampled decode: each kept step stands for this many
+    collectives: int = 0  # per pass
+    min_dim: np.ndarray | None = None  # per op: a matmul's smallest dimension (NaN for other operators)
+
+    def group_seconds(self, c: float = 1.0, m: float = 1.0, half_dim: float = 0.0) -> np.ndarray:
+        """Seconds per operator group at compute and memory efficiency c and m; a matmul of smallest dimension d
+        reaches c*d/(d+half_dim) (the cost model's matmul_half_dim)."""
+        ce = np.full(len(self.group), c)
+        if half_dim and self.min_dim is not None:
+            d = self.min_dim
+            ce = np.where(np.isnan(d), c, c * d / (d + half_dim))
+        ce = ce.reshape(-1, *([1] * (self.compute.ndim - 1)))
+        t = np.maximum(self.compute / ce, self.memory / m)
+        t = t.reshape(t.shape[0], -1).sum(axis=1) * self.weight
+        return np.bincount(self.group, weights=t, minlength=len(GROUPS))
+
+    def time(self, c: float = 1.0, m: float = 1.0, comm: bool = True) -> float:
+        return float(self.group_seconds(c, m).sum()) + (self.comm_s if comm else 0.0)
+
+
+@dataclasses.dataclass
+class _Expressed:
+    """A row as the cost model sees it: model, hardware, parallelism, precision and the phases to time."""
+
+    row: int
+    metric: str
+    measured: float  # SI units (seconds, or per second)
+    batch: int
+    input_tokens: int
+    output_tokens: int
+    steps: int
+    divide: float  # per-GPU figures divide the system figure by this
+    model: object
+    hw: HardwareSpec
+    par: object
+    precision: Precision
+    decode_only: bool
+    per: str
+    identical: bool = False  # every sequence and token the same (pad-token benchmark inputs): MoE routes as one
+
+
+def express_row(r) -> _Expressed | str:
+    """The row in the cost model's terms, or the reason it cannot be expressed (a string)."""
+    from perfmodel.costmodel.parallel import Parallelism
+    from perfmodel.dtypes import get_dtype
+
+    metric = r["metric"]
+    if metric not in LATENCY_METRICS + RATE_METRICS:
+        if metric == "tokens_per_s":
+            return "the source's tokens/s does not say whether input tokens are counted (output or total)"
+        return f"metric {metric!r} is not one the cost model predicts"
+    try:
+        model = load_model(r["model"])
+    except PerfmodelError:
+        return f"model {r['model']!r} is not in the perfmodel library"
+    try:
+        hw = load_hardware(r["hardware"])
+    except PerfmodelError:
+        return f"hardware {r['hardware']!r} is not in the perfmodel library"
+    if not model.is_decoder_only:
+        return f"model {model.name} is not decoder-only"
+    for field in ("weight_dtype", "activation_dtype"):
+        if not r[field]:
+            return f"{field.replace('_', ' ')} not stated by the source"
+    kv = r["kv_dtype"] or r["activation_dtype"]
+    for field, v in (("weight dtype", r["weight_dtype"]), ("activation dtype", r["activation_dtype"]),
+                     ("kv dtype", kv)):
+        try:
+            get_dtype(v)
+        except PerfmodelError:
+            return f"{field} {v!r} is not a perfmodel format"
+    precision = Precision(r["weight_dtype"], r["activation_dtype"], kv)
+    try:
+        hw.peak_flops(precision.compute_dtype)
+    except PerfmodelError:
+        return f"hardware {hw.name} lists no {precision.compute_dtype} peak"
+    inp = _int(r["input_tokens"])
+    out = _int(r["output_tokens"], 0)
+    if inp is None:
+        return "input length not published by the source"
+    tp, pp, ep = _int(r["tp"], 1), _int(r["pp"], 1), _int(r["ep"], 1)
+    gpus = _int(r["gpus"], tp * pp)
+    if pp > 1:
+        return "pipeline-parallel rows are not expressed yet (stage overlap of the framework unknown)"
+    if gpus != tp * (ep if ep > tp else 1):
+        return f"{gpus} GPUs with tp {tp}: data-parallel or disaggregated layouts are not expressed"
+    try:
+        par = Parallelism(tp=tp, ep=ep)
+        par.check(model)
+    except PerfmodelError as e:
+        return str(e)
+    decode_only = r["scenario"].startswith("llama-bench tg")
+    if metric == "prefill_tokens_per_s" and inp < 1:
+        return "a prefill rate needs an input length"
+    if decode_only:
+        steps = out
+    else:
+        if metric != "ttft_s" and metric != "prefill_tokens_per_s" and out < 2:
+            return "a decode figure needs at least two output tokens"
+        steps = max(out - 1, 0)
+        if metric in ("ttft_s", "prefill_tokens_per_s"):
+            steps = 0
+    batch = _int(r["batch_or_concurrency"], 0)
+    divide = float(gpus) if r["per"] == "gpu" else 1.0
+    measured = float(r["value"]) * UNITS[r["unit"]]
+    return _Expressed(int(r["row"]), metric, measured, batch, inp, out, steps, divide, model, hw, par, precision,
+                      decode_only, r["per"], "pad-token inputs" in r["scenario"])
+
+
+def _unit_hardware(hw: HardwareSpec) -> HardwareSpec:
+    """The datasheet roofs as they are: efficiency 1, no launch or dispatch overheads."""
+    from perfmodel.specs.hardware import Efficiency
+
+    return dataclasses.replace(hw, efficiency=Efficiency(compute=1.0, memory=1.0), launch_overhead_us=0.0)
+
+
+def _ops(e: _Expressed, batch, new, past, phase):
+    from perfmodel.costmodel.operators import phase_ops
+    from perfmodel.costmodel.parallel import comm_seconds, split_ops
+
+    touched = None
+    if e.identical and e.model.is_moe:  # identical tokens route to the same k experts, whatever the batch
+        from perfmodel.costmodel.operators import expected_experts_touched
+
+        touched = expected_experts_touched(e.model.num_experts, e.model.experts_per_token, 1)
+    ops = split_ops(phase_ops(e.model, batch, new, past, e.precision, True, experts_touched=touched, phase=phase),
+                    e.par, e.model)
+    comm = sum(comm_seconds(e.model, e.par, e.hw, np.asarray(batch) * np.asarray(new), e.precision).values())
+    return ops, float(np.sum(comm))
+
+
+def _phase_arrays(e: _Expressed, ops, steps: int | None, comm_s: float) -> _Phase:
+    from perfmodel.costmodel.roofline import op_timings
+
+    t = op_timings(ops, _unit_hardware(e.hw), e.precision)
+    group = np.array([_group(x.op) for x in t], dtype=np.int64)
+    min_dim = np.array([float(np.max(x.op.min_dim)) if x.op.min_dim is not None and x.op.kind in
+                        ("matmul", "attention") else np.nan for x in t])
+    if steps is None:  # prefill: scalars per op
+        comp = np.array([float(np.sum(x.compute_s)) * x.op.layers for x in t])
+        mem = np.array([float(np.sum(x.memory_s)) * x.op.layers for x in t])
+        return _Phase(comp, mem, group, 1, comm_s, collectives=collectives_per_pass(e.model, e.par), min_dim=min_dim)
+    comp = np.stack([np.broadcast_to(np.asarray(x.compute_s, dtype=np.float64), (steps,)) * x.op.layers for x in t])
+    mem = np.stack([np.broadcast_to(np.asarray(x.memory_s, dtype=np.float64), (steps,)) * x.op.layers for x in t])
+    return _Phase(comp, mem, group, steps, comm_s, 1.0, collectives_per_pass(e.model, e.par), min_dim)
+
+
+def max_fitting_batch(e: _Expressed, reserve: bool = True) -> int:
+    """The offline batch: deploy.max_batch (10 % reserve, activations, at most 4096), or with reserve=False the
+    most sequences whose KV cache physically fits beside the weights (the roofline's batch)."""
+    from perfmodel.costmodel.operators import kv_cache_bytes, weight_memory_bytes
+    from perfmodel.planning.deploy import Deployment, max_batch
+
+    tokens = e.input_tokens + e.output_tokens
+    if reserve:
+        return max_batch(Deployment(e.model, e.hw, e.par, e.precision), tokens)
+    shards = e.par.tp
+    free = e.hw.memory_capacity - weight_memory_bytes(e.model, e.precision) / shards
+    per_seq = float(kv_cache_bytes(e.model, tokens, 1, e.precision.kv_cache)) / shards
+    return int(max(free // per_seq, 0))
+
+
+def _build(e: _Expressed, batch: int) -> dict:
+    """The per-device operators and collective seconds of the row's phases at `batch`: 'pre' (absent for a
+    llama-bench tg row) and 'dec' (absent when the metric needs no decode step)."""
+    built = {}
+    if not e.decode_only:
+        built["pre"] = _ops(e, batch, e.input_tokens, 0, "prefill")
+    if e.steps:
+        built["dec"] = _ops(e, batch, 1, e.input_tokens + np.arange(e.steps), "decode")
+    return built
+
+
+def _phases(e: _Expressed, built: dict) -> tuple[_Phase | None, _Phase | None]:
+    pre = _phase_arrays(e, built["pre"][0], None, built["pre"][1]) if "pre" in built else None
+    dec = _phase_arrays(e, built["dec"][0], e.steps, built["dec"][1]) if "dec" in built else None
+    return pre, dec
+
+
+def metric_value(e: _Expressed, batch: int, pre_s: float, dec_s: float) -> float:
+    """The row's metric from the prefill and total decode seconds of `batch` sequences run together."""
+    m, total = e.metric, pre_s + dec_s
+    if m == "ttft_s":
+        return pre_s
+    if m == "tpot_s":
+        return dec_s / e.steps
+    if m == "e2e_s":
+        return total
+    # a rate per request is one sequence's; per system the batch's; per GPU the batch's over the GPUs
+    scale = 1.0 if e.per == "request" else batch / e.divide
+    if m == "decode_tokens_per_s":
+        return scale * e.steps / dec_s
+    if m == "prefill_tokens_per_s":
+        return scale * e.input_tokens / pre_s
+    if m == "output_tokens_per_s":
+        return scale * e.output_tokens / total
+    if m == "total_tokens_per_s":
+        return scale * (e.input_tokens + e.output_tokens) / total
+    return scale / total  # requests_per_s
+
+
+@dataclasses.dataclass
+class RowEval:
+    """One expressed row: its phases at the predicted batch (efficiency 1, no overheads) and the figures."""
+
+    e: _Expressed
+    framework: str
+    source: str
+    batch: int
+    pre: _Phase | None
+    dec: _Phase | None
+    nominal: float  # the cost model as it is: library hardware, its efficiency factors and launch overheads
+    roofline: float  # efficiency 1, no launch/dispatch overheads, no communication, the largest possible batch
+
+    def seconds(self, params: dict) -> tuple[float, float]:
+        """Prefill and decode seconds under a framework's fitted numbers: the roofs scaled by compute and memory
+        efficiency, attention and MoE-expert operators' times divided by their multipliers, one overhead per
+        prefill pass and one per decode step (in place of per-kernel launches), collectives at the link's
+        datasheet rate."""
+        p = {**DEFAULT_PARAMS, **params}
+        div = np.array([1.0, p["attention_multiplier"], p["moe_multiplier"]])
+        c, m, hd = p["compute_efficiency"], p["memory_efficiency"], p["matmul_half_dim"]
+        coll = p["collective_latency_us"] * 1e-6
+        pre = dec = 0.0
+        if self.pre is not None:
+            pre = (float((self.pre.group_seconds(c, m, hd) / div).sum()) + self.pre.comm_s
+                   + p["prefill_overhead_us"] * 1e-6 + coll * self.pre.collectives)
+        if self.dec is not None:
+            dec = (float((self.dec.group_seconds(c, m, hd) / div).sum()) + self.dec.comm_s
+                   + (p["step_overhead_us"] * 1e-6 + coll * self.dec.collectives) * self.dec.passes)
+        return pre, dec
+
+    def predict(self, params: dict) -> float:
+        return metric_value(self.e, self.batch, *self.seconds(params))
+
+
+def _nominal_seconds(e: _Expressed, ops_comm) -> float:
+    """The cost model as it is (library hardware with its efficiency factors and launch overheads) + collectives."""
+    from perfmodel.costmodel.roofline import op_timings, phase_summary
+
+    if ops_comm is None:
+        return 0.0
+    ops, comm = ops_comm
+    return float(np.sum(phase_summary(op_timings(ops, e.hw, e.precision))["time_s"])) + comm
+
+
+def evaluate_row(e: _Expressed, framework: str = "", source: str = "") -> RowEval:
+    """Phases at the predicted batch (the row's, or the largest that fits), nominal and roofline figures."""
+    batch = e.batch or max(max_fitting_batch(e, reserve=True), 1)
+    built = _build(e, batch)
+    pre, dec = _phases(e, built)
+    nominal = metric_value(e, batch, _nominal_seconds(e, built.get("pre")), _nominal_seconds(e, built.get("dec")))
+    rb, rpre, rdec = batch, pre, dec
+    if not e.batch:  # the bound runs the largest batch memory could hold
+        rb = max(max_fitting_batch(e, reserve=False), 1)
+        rpre, rdec = _phases(e, _build(e, rb))
+    roof = metric_value(e, rb, rpre.time(comm=False) if rpre else 0.0, rdec.time(comm=False) if rdec else 0.0)
+    return RowEval(e, framework, source, batch, pre, dec, nominal, roof)
+
+
+def evaluate_published(df: pd.DataFrame, progress=None) -> tuple[list[RowEval], list[dict]]:
+    """Every row expressed and evaluated, or listed with the reason it cannot be (never dropped)."""
+    evals, unexpressed = [], []
+    for _, r in df.iterrows():
+        e = express_row(r)
+        if isinstance(e, str):
+            unexpressed.append({"row": int(r["row"]), "framework": r["framework"], "hardware": r["hardware"],
+                                "model": r["model"], "metric": r["metric"], "source": r["source"], "reason": e})
+        else:
+            evals.append(evaluate_row(e, r["framework"], r["source"]))
+        if progress:
+            progress()
+    return evals, unexpressed
+
+
+def split_by_source(df: pd.DataFrame, counts: dict | None = None) -> dict[str, int]:
+    """Half 0 (fit) or 1 (held out) for every source, so that no source is in both halves. Deterministic: within
+    each framework, sources in order of falling row count (then name) go to the half with fewer rows so far.
+    `counts` (source -> rows) weighs the balance, by default the rows in df."""
+    half: dict[str, int] = {}
+    for fw, g in df.groupby("framework", sort=True):
+        n = counts if counts is not None else g["source"].value_counts().to_dict()
+        size = [0, 0]
+        for src in sorted(g["source"].unique(), key=lambda s: (-n.get(s, 0), s)):
+            if src in half:  # a source shared by two frameworks stays where it first went
+                continue
+            h = 0 if size[0] <= size[1] else 1
+            half[src] = h
+            size[h] += n.get(src, 0)
+    return half
+
+
+def _errors(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
+    return pred / meas - 1.0
+
+
+def error_table(evals: list[RowEval], which: str, params: dict | None = None) -> list[dict]:
+    """n, median and p90 |error| and signed bias (median signed error, + = predicted too high) per framework and
+    metric, in %. which: nominal | roofline | fitted (with params: framework -> fitted numbers)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in evals:
+        if which == "fitted":
+            if r.framework not in (params or {}):
+                continue
+            pred = r.predict(params[r.framework])
+        else:
+            pred = getattr(r, which)
+        groups.setdefault((r.framework, r.e.metric), []).append(pred / r.e.measured - 1.0)
+    out = []
+    for (fw, m), errs in sorted(groups.items()):
+        e = np.asarray(errs) * 100
+        out.append({"framework": fw, "metric": m, "n": len(e), "median_abs_pct": float(np.median(np.abs(e))),
+                    "p90_abs_pct": float(np.percentile(np.abs(e), 90)), "bias_pct": float(np.median(e))})
+    return out
+
+
+_METRIC_CODES = {m: i for i, m in enumerate(LATENCY_METRICS + RATE_METRICS)}
+
+
+def _metric_vec(code, batch, scale, steps, inp, out, pre, dec):
+    """metric_value over arrays of rows (code: _METRIC_CODES)."""
+    total = pre + dec
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cand = [pre, dec / np.maximum(steps, 1), total, scale * steps / dec, scale * inp / pre, scale * out / total,
+                scale * (inp + out) / total, scale / total]
+    return np.choose(code, cand)
+
+
+class _FitData:
+    """The training rows of one framework flattened for a fast objective: per op and sampled step, its compute
+    and memory seconds at efficiency 1, its row, phase and group."""
+
+    def __init__(self, rows: list[RowEval]):
+        cs, ms, wt, seg, md = [], [], [], [], []
+        self.n = len(rows)
+        for k, r in enumerate(rows):
+            for ph, phase in enumerate((r.pre, r.dec)):
+                if phase is None:
+                    continue
+                c, m = phase.compute, phase.memory
+                if c.ndim == 2 and c.shape[1] > FIT_STEP_SAMPLES:
+                    idx = np.unique(np.linspace(0, c.shape[1] - 1, FIT_STEP_SAMPLES).round().astype(int))
+                    w = phase.weight * c.shape[1] / len(idx)
+                    c, m = c[:, idx], m[:, idx]
+                else:
+                    w = phase.weight
+                g = np.broadcast_to(phase.group[:, None] if c.ndim == 2 else phase.group, c.shape)
+                d = np.broadcast_to(phase.min_dim[:, None] if c.ndim == 2 else phase.min_dim, c.shape)
+                md.append(d.ravel())
+                cs.append(c.ravel())
+                ms.append(m.ravel())
+                wt.append(np.full(c.size, w))
+                seg.append(((k * 2 + ph) * len(GROUPS) + g).ravel())
+        self.cs, self.ms, self.wt = np.concatenate(cs), np.concatenate(ms), np.concatenate(wt)
+        self.seg = np.concatenate(seg)
+        md = np.concatenate(md)
+        self.is_mm = ~np.isnan(md)
+        self.min_dim = np.where(self.is_mm, md, 1.0)
+        f = lambda fn: np.array([fn(r) for r in rows], dtype=np.float64)  # noqa: E731
+        self.has_pre = f(lambda r: r.pre is not None)
+        self.steps = f(lambda r: r.dec.passes if r.dec is not None else 0)
+        self.coll = f(lambda r: (r.pre or r.dec).collectives)
+        self.comm = np.stack([f(lambda r: r.pre.comm_s if r.pre else 0.0), f(lambda r: r.dec.comm_s if r.dec else 0.0)])
+        self.code = np.array([_METRIC_CODES[r.e.metric] for r in rows])
+        self.batch = f(lambda r: r.batch)
+        self.scale = f(lambda r: 1.0 if r.e.per == "request" else r.batch / r.e.divide)
+        self.inp, self.out = f(lambda r: r.e.input_tokens), f(lambda r: r.e.output_tokens)
+        self.measured = f(lambda r: r.e.measured)
+
+    def predict(self, p: dict) -> np.ndarray:
+        c = p["compute_efficiency"]
+        if p["matmul_half_dim"]:
+            c = np.where(self.is_mm, c * self.min_dim / (self.min_dim + p["matmul_half_dim"]), c)
+        t = np.maximum(self.cs / c, self.ms / p["memory_efficiency"]) * self.wt
+        s = np.bincount(self.seg, weights=t, minlength=self.n * 2 * len(GROUPS)).reshape(self.n, 2, len(GROUPS))
+        s = s / np.array([1.0, p["attention_multiplier"], p["moe_multiplier"]])
+        coll = p["collective_latency_us"] * 1e-6 * self.coll
+        pre = s[:, 0].sum(axis=1) + self.comm[0] + (p["prefill_overhead_us"] * 1e-6 + coll) * self.has_pre
+        dec = s[:, 1].sum(axis=1) + self.comm[1] + (p["step_overhead_us"] * 1e-6 + coll) * self.steps
+        return _metric_vec(self.code, self.batch, self.scale, self.steps, self.inp, self.out, pre, dec)
+
+    def loss(self, p: dict) -> float:
+        prior = sum(np.log(p[k] / v) ** 2 for k, v in PRIOR.items())
+        return float(np.sum(np.log(self.predict(p) / self.measured) ** 2) + prior)
+
+
+# the fit's search space: efficiencies and multipliers on log grids, overheads on a log-spaced grid with zero
+_SEARCH = {"compute_efficiency": (0.01, 1.0), "memory_efficiency": (0.05, 1.0), "attention_multiplier": (0.05, 4.0),
+           "moe_multiplier": (0.05, 4.0), "prefill_overhead_us": (0.0, 1e5), "step_overhead_us": (0.0, 1e5),
+           "collective_latency_us": (0.0, 1e3), "matmul_half_dim": (0.0, 4096.0)}
+
+
+def fit_framework(rows: list[RowEval], framework: str) -> dict:
+    """A framework's numbers from its rows among `rows`: compute and memory efficiency, attention and MoE-expert
+    multipliers (fitted only where the rows hold such operators), overhead per prefill pass and per decode step
+    (µs), latency per collective (µs, where the rows run tensor parallel), the matmul half-efficiency dimension
+    (tokens: small-batch matmuls cannot fill the machine), minimising the sum of squared log
+    errors (predicted/measured) plus a log-space prior pulling the efficiencies and multipliers towards the cost
+    model's defaults (PRIOR) where the rows cannot tell them apart. Coordinate descent: each number in turn
+    on a grid around its current value, the grid narrowing when a sweep no longer improves; the decode steps of
+    each row are sampled (FIT_STEP_SAMPLES) inside the objective. Returns the numbers and their provenance."""
+    import datetime
+
+    rows = [r for r in rows if r.framework == framework]
+    if not rows:
+        raise PerfmodelError(f"--framework: no expressible rows of {framework!r} to fit")
+    data = _FitData(rows)
+    free = ["compute_efficiency", "memory_efficiency", "matmul_half_dim"]
+    # an overhead is fitted only where some metric can see it apart from the rest
+    if any(r.e.metric in ("ttft_s", "prefill_tokens_per_s") for r in rows):
+        free.append("prefill_overhead_us")
+    if any(r.dec is not None for r in rows):
+        free.append("step_overhead_us")
+    if any(((r.pre is not None and (r.pre.group == 1).any()) or (r.dec is not None and (r.dec.group == 1).any()))
+           for r in rows):
+        free.append("attention_multiplier")
+    if any(r.e.model.is_moe for r in rows):
+        free.append("moe_multiplier")
+    if any((r.pre or r.dec).collectives for r in rows):
+        free.append("collective_latency_us")
+    p = {**DEFAULT_PARAMS, "compute_efficiency": 0.5, "memory_efficiency": 0.7}
+    best = data.loss(p)
+    span = 4.0  # factor either side searched; shrinks as the fit settles
+    for _ in range(40):
+        improved = False
+        for k in free:
+            lo, hi = _SEARCH[k]
+            v = p[k]
+            if k.endswith("_us") or k == "matmul_half_dim":
+                cand = np.unique(np.concatenate([[0.0], np.clip(max(v, 1.0) * np.geomspace(1 / span, span, 9), 0, hi)]))
+            else:
+                cand = np.unique(np.clip(v * np.geomspace(1 / span, span, 9), lo, hi))
+            for x in cand:
+                q = {**p, k: float(x)}
+                lq = data.loss(q)
+                if lq < best - 1e-12:
+                    best, p, improved = lq, q, True
+        if not improved:
+            if span < 1.02:
+                break
+            span = span ** 0.5
+    hw = sorted({r.e.hw.name for r in rows})
+    fitted = {k: (round(p[k], 4) if k in free else DEFAULT_PARAMS[k]) for k in DEFAULT_PARAMS}
+    return {"framework": framework, **fitted,
+            "provenance": {"sources": sorted({r.source for r in rows}), "n": len(rows), "hardware": hw,
+                           "metrics": sorted({r.e.metric for r in rows}), "fitted": free,
+                           "date": datetime.date.today().isoformat(),
+                           "objective": "sum of squared log errors (predicted/measured) + sum of squared log(value/default) "
+                                        "over " + ", ".join(PRIOR), "loss": round(best, 4),
+                           "convention": "an overhead per prefill pass and per decode step replaces per-kernel "
+                                         "launch overheads; one set of numbers for every hardware of the "
+                                         "framework; multipliers divide the time of attention and of MoE-expert "
+                                         "operators"}}
+
+
+def holdout_report(evals: list[RowEval], df: pd.DataFrame, frameworks: list[str] | None = None) -> dict:
+    """Split by source, fit each framework on half 'fit', report the held-out half before and after the fit."""
+    counts = pd.Series([r.source for r in evals]).value_counts().to_dict() if evals else {}
+    half = split_by_source(df, counts)
+    train = [r for r in evals if half[r.source] == 0]
+    test = [r for r in evals if half[r.source] == 1]
+    fws = frameworks or sorted({r.framework for r in evals})
+    params = {fw: fit_framework(train, fw) for fw in fws if any(r.framework == fw for r in train)}
+    return {"split": {s: ("fit" if h == 0 else "held-out") for s, h in sorted(half.items())},
+            "fitted": params,
+            "before_all": error_table(evals, "nominal"),
+            "before_heldout": error_table(test, "nominal"),
+            "after_heldout": error_table(test, "fitted", params),
+            "after_fit_half": error_table(train, "fitted", params),
+            "n_fit": len(train), "n_heldout": len(test)}
+
+
+def write_profile(path: Path, fitted: dict, report: dict, measurements: str) -> Path:
+    """The fitted numbers and their provenance as YAML (atomic write), for a framework profile."""
+    import yaml
+
+    from perfmodel.output import atomic_write
+
+    fw = fitted["framework"]
+    doc = {"framework": fw, "fitted": {k: fitted[k] for k in DEFAULT_PARAMS},
+           "provenance": {**fitted["provenance"], "measurements": measurements,
+                          "hold_out": "fitted on the half 'fit' of a split by source (no source in both "
+                                      "halves); the errors below are on the other half"},
+           "held_out_error_before_fit": [r for r in report["before_heldout"] if r["framework"] == fw],
+           "held_out_error_after_fit": [r for r in report["after_heldout"] if r["framework"] == fw]}
+    return atomic_write(path, lambda p: p.write_text(yaml.safe_dump(_plain_floats(doc), sort_keys=False)))
+
+
+def _plain_floats(o):
+    if isinstance(o, dict):
+        return {k: _plain_floats(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_plain_floats(v) for v in o]
+    if isinstance(o, (np.floating, float)):
+        return round(float(o), 4)
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+
+
+def roofline_check(df: pd.DataFrame) -> tuple[list[dict], int]:
+    """Every row the cost model can express, against the pure datasheet roofline (efficiency 1, no launch or
+    dispatch overheads, no communication, the largest batch memory can hold where the source prints none): a
+    measured latency must not be shorter, a measured rate not higher. A row whose tokens/s may count input tokens
+    is held to the total-tokens bound (the looser). Returns the rows that beat the bound and how many were
+    checked."""
+    beats, checked = [], 0
+    for _, r in df.iterrows():
+        if r["metric"] == "tokens_per_s":
+            r = r.copy()
+            r["metric"] = "total_tokens_per_s"
+        e = express_row(r)
+        if isinstance(e, str):
+            continue
+        ev = evaluate_row(e, r["framework"], r["source"])
+        checked += 1
+        latency = e.metric in LATENCY_METRICS
+        if (e.measured < ev.roofline) if latency else (e.measured > ev.roofline):
+            beats.append({"row": e.row, "framework": r["framework"], "hardware": e.hw.name, "model": e.model.name,
+                          "metric": e.metric, "measured": e.measured, "roofline": ev.roofline,
+                          "source": r["source"]})
+    return beats, checked

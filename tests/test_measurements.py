@@ -1,0 +1,187 @@
+"""The published-measurements set: its content, the pure-roofline bound, the split by source, the fit, the CLI."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from perfmodel.cli.app import main
+from perfmodel.costmodel.operators import Precision
+from perfmodel.costmodel.request import Workload, analyze
+from perfmodel.specs import load_hardware, load_model
+from perfmodel.validation import measurements as pm
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return pm.read_published("builtin")
+
+
+@pytest.fixture(scope="module")
+def evaluated(builtin):
+    return pm.evaluate_published(builtin)
+
+
+def test_builtin_set_content(builtin, evaluated):
+    assert len(builtin) >= 100
+    assert builtin["hardware"].nunique() >= 8
+    assert builtin["framework"].nunique() >= 3
+    assert builtin["source"].str.startswith("https://").all()
+    assert (builtin["source_date_or_commit"].str.len() > 0).all()
+    assert list(builtin.columns[1:]) == list(pm.PUBLISHED_COLUMNS)
+    # the rows that the library can predict cover the same breadth
+    evals, _ = evaluated
+    assert len({r.e.hw.name for r in evals}) >= 8 and len({r.framework for r in evals}) >= 3
+
+
+def test_builtin_is_package_data():
+    import tomllib
+    from pathlib import Path
+
+    cfg = tomllib.loads((Path(pm.__file__).parents[2] / "pyproject.toml").read_text())
+    assert "*.csv" in cfg["tool"]["setuptools"]["package-data"]["perfmodel.data"]
+    assert pm.builtin_measurements_path().is_file()
+
+
+def test_no_row_beats_the_pure_roofline(builtin):
+    beats, checked = pm.roofline_check(builtin)
+    assert checked >= 200
+    assert beats == [], "rows faster than the datasheet roofline: " + "; ".join(
+        f"line {b['row']} {b['hardware']} {b['model']} {b['metric']} measured {b['measured']:.4g} "
+        f"bound {b['roofline']:.4g}" for b in beats)
+
+
+def test_roofline_check_catches_an_impossible_row(builtin):
+    """Llama-2-7B decoding 2,000 tokens/s at batch 1 on one H100 would stream 27 TB/s: the check must say so."""
+    row = builtin.iloc[[0]].copy()
+    row[["model", "hardware", "weight_dtype", "activation_dtype", "kv_dtype", "gpus", "tp"]] = \
+        ["llama-2-7b", "h100-sxm", "fp16", "fp16", "fp16", "1", "1"]
+    row[["batch_or_concurrency", "input_tokens", "output_tokens", "metric", "value", "unit", "per", "scenario"]] = \
+        ["1", "0", "128", "decode_tokens_per_s", "2000", "tokens/s", "request", "llama-bench tg"]
+    beats, checked = pm.roofline_check(row)
+    assert checked == 1 and len(beats) == 1 and beats[0]["roofline"] < 2000
+
+
+def test_every_row_predicted_or_listed(builtin, evaluated):
+    evals, unexpressed = evaluated
+    assert len(evals) + len(unexpressed) == len(builtin)
+    assert all(u["reason"] for u in unexpressed)
+    reasons = {u["row"]: u["reason"] for u in unexpressed}
+    ambiguous = builtin[builtin["metric"] == "tokens_per_s"]["row"]
+    assert all("input tokens" in reasons[r] for r in ambiguous)
+    row = builtin.iloc[0].copy()
+    for field, value, says in [("hardware", "no-such-gpu", "hardware 'no-such-gpu'"),
+                               ("model", "no-such-model", "model 'no-such-model'"),
+                               ("weight_dtype", "fp3", "weight dtype 'fp3'"), ("pp", "2", "pipeline-parallel"),
+                               ("input_tokens", "", "input length"), ("metric", "joules", "metric 'joules'")]:
+        r = row.copy()
+        r[field] = value
+        assert says in pm.express_row(r)
+
+
+def test_single_device_prediction_is_analyze(builtin, evaluated):
+    """On one device the nominal prediction is the cost model's own request-level figure."""
+    evals, _ = evaluated
+    checked = 0
+    for r in evals:
+        e = r.e
+        if e.par.tp != 1 or e.decode_only or e.metric not in ("ttft_s", "e2e_s", "output_tokens_per_s"):
+            continue
+        a = analyze(e.model, e.hw, Workload(r.batch, e.input_tokens, max(e.output_tokens, 1)), e.precision)
+        q = a.request
+        want = {"ttft_s": q["ttft_s"], "e2e_s": q["e2e_s"],
+                "output_tokens_per_s": r.batch * e.output_tokens / q["e2e_s"] / e.divide}[e.metric]
+        assert r.nominal == pytest.approx(want, rel=1e-9)
+        checked += 1
+    assert checked >= 20
+
+
+def test_llama_bench_decode_is_steps_from_an_empty_cache():
+    hw = load_hardware("rtx-4090")
+    row = pd.Series({"row": 2, "source": "https://example.org", "framework": "llama.cpp", "model": "llama-2-7b",
+                     "hardware": "rtx-4090", "weight_dtype": "fp16", "activation_dtype": "fp16", "kv_dtype": "fp16",
+                     "gpus": "1", "tp": "1", "pp": "1", "ep": "1", "batch_or_concurrency": "1", "input_tokens": "0",
+                     "output_tokens": "128", "metric": "decode_tokens_per_s", "value": "50", "unit": "tokens/s",
+                     "per": "request", "scenario": "llama-bench tg"})
+    e = pm.express_row(row)
+    r = pm.evaluate_row(e)
+    a = analyze(load_model("llama-2-7b"), hw, Workload(1, 1, 129), Precision("fp16", "fp16", "fp16"))
+    steps = a.decode_step_times()  # past 1..128; llama-bench's tg starts from 0: within one token of context
+    assert r.nominal == pytest.approx(128 / steps.sum(), rel=1e-3)
+
+
+def test_split_never_shares_a_source(builtin, evaluated):
+    evals, _ = evaluated
+    half = pm.split_by_source(builtin)
+    assert set(half) == set(builtin["source"])
+    per_source = builtin.assign(h=builtin["source"].map(half)).groupby("source")["h"].nunique()
+    assert (per_source == 1).all()
+    # deterministic, whatever the row order, and both halves hold rows of every framework with two sources
+    shuffled = builtin.sample(frac=1.0, random_state=3)
+    assert pm.split_by_source(shuffled) == half
+    for fw, g in builtin.groupby("framework"):
+        if g["source"].nunique() >= 2:
+            assert {half[s] for s in g["source"]} == {0, 1}, fw
+
+
+def test_fit_recovers_known_numbers(evaluated):
+    """Rows whose 'measured' values the model itself produced at known numbers: the fit must find them again."""
+    import dataclasses
+
+    evals, _ = evaluated
+    rows = [r for r in evals if r.framework == "vllm"]
+    truth = {**pm.DEFAULT_PARAMS, "compute_efficiency": 0.6, "memory_efficiency": 0.75, "step_overhead_us": 800.0,
+             "collective_latency_us": 20.0}
+    fake = [dataclasses.replace(r, framework="synthetic",
+                                e=dataclasses.replace(r.e, measured=r.predict(truth))) for r in rows]
+    fitted = pm.fit_framework(fake, "synthetic")
+    err = [abs(r.predict(fitted) / r.e.measured - 1) for r in fake]
+    assert np.median(err) < 0.02
+    assert fitted["memory_efficiency"] == pytest.approx(0.75, rel=0.15)
+    assert fitted["provenance"]["n"] == len(rows) and fitted["provenance"]["sources"]
+
+
+def test_holdout_report_improves_held_out_rows(builtin, evaluated):
+    evals, _ = evaluated
+    rep = pm.holdout_report(evals, builtin)
+    assert rep["n_fit"] > 0 and rep["n_heldout"] > 0
+    before = {(r["framework"], r["metric"]): r for r in rep["before_heldout"]}
+    after = {(r["framework"], r["metric"]): r for r in rep["after_heldout"]}
+    assert set(before) == set(after)
+    # the fitted numbers help where the framework's kernels differ most from the library's defaults
+    for key in [("vllm", "e2e_s"), ("tensorrt-llm", "ttft_s")]:
+        assert after[key]["median_abs_pct"] < before[key]["median_abs_pct"]
+
+
+def test_cli_builtin_json(capsys):
+    assert main(["validate", "--measurements", "builtin", "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr()[0])
+    assert d["rows"] == d["predicted"] + len(d["not_expressible"])
+    assert {r["framework"] for r in d["heldout_after_fit"]} >= {"vllm", "tensorrt-llm"}
+    assert all(r["reason"] for r in d["not_expressible"])
+
+
+def test_cli_fit_writes_profile(tmp_path, capsys):
+    code = main(["validate", "--measurements", "builtin", "--fit", "--framework", "vllm", "--out-dir",
+                 str(tmp_path)])
+    out = capsys.readouterr()[0]
+    assert code == 0
+    path = tmp_path / "framework-fit-vllm.yaml"
+    assert str(path) in out.replace("\n", "")
+    d = yaml.safe_load(path.read_text())
+    assert d["framework"] == "vllm" and set(d["fitted"]) == set(pm.DEFAULT_PARAMS)
+    assert d["provenance"]["sources"] and d["held_out_error_after_fit"]
+
+
+def test_cli_published_errors(tmp_path, capsys):
+    assert main(["validate", "--measurements", "builtin", "--framework", "nope"]) == 2
+    assert "--framework" in capsys.readouterr()[1]
+    bad = tmp_path / "bad.csv"
+    df = pm.read_published("builtin").drop(columns=["row"]).head(3)
+    df.loc[1, "unit"] = "furlongs"
+    df.to_csv(bad, index=False)
+    assert main(["validate", "--measurements", str(bad)]) == 2
+    err = capsys.readouterr()[1]
+    assert err.count("\n") == 1 and "unit" in err and "line 3" in err
