@@ -82,14 +82,17 @@ def test_every_row_predicted_or_listed(builtin, evaluated):
 
 
 def test_single_device_prediction_is_analyze(builtin, evaluated):
-    """On one device the nominal prediction is the cost model's own request-level figure."""
+    """On one device the nominal prediction is the cost model's own request-level figure under the framework's
+    shipped profile (its exec mode, multipliers and host overhead per step)."""
     evals, _ = evaluated
     checked = 0
     for r in evals:
         e = r.e
         if e.par.tp != 1 or e.decode_only or e.metric not in ("ttft_s", "e2e_s", "output_tokens_per_s"):
             continue
-        a = analyze(e.model, e.hw, Workload(r.batch, e.input_tokens, max(e.output_tokens, 1)), e.precision)
+        assert e.profile is not None and e.exec_mode == e.profile.exec_mode
+        a = analyze(e.model, e.hw_run, Workload(r.batch, e.input_tokens, max(e.output_tokens, 1)), e.precision,
+                    exec_mode=e.exec_mode)
         q = a.request
         want = {"ttft_s": q["ttft_s"], "e2e_s": q["e2e_s"],
                 "output_tokens_per_s": r.batch * e.output_tokens / q["e2e_s"] / e.divide}[e.metric]
@@ -107,8 +110,12 @@ def test_llama_bench_decode_is_steps_from_an_empty_cache():
                      "per": "request", "scenario": "llama-bench tg"})
     e = pm.express_row(row)
     r = pm.evaluate_row(e)
-    a = analyze(load_model("llama-2-7b"), hw, Workload(1, 1, 129), Precision("fp16", "fp16", "fp16"))
-    steps = a.decode_step_times()  # past 1..128; llama-bench's tg starts from 0: within one token of context
+    from perfmodel.frameworks import apply_framework, load_framework
+
+    prof = load_framework("llama.cpp")
+    a = analyze(load_model("llama-2-7b"), apply_framework(hw, prof), Workload(1, 1, 129),
+                Precision("fp16", "fp16", "fp16"), exec_mode=prof.exec_mode)
+    steps = a.decode_step_times() + a.request["host_overhead_per_step_s"]  # past 1..128; tg starts from 0
     assert r.nominal == pytest.approx(128 / steps.sum(), rel=1e-3)
 
 
@@ -132,14 +139,14 @@ def test_fit_recovers_known_numbers(evaluated):
 
     evals, _ = evaluated
     rows = [r for r in evals if r.framework == "vllm"]
-    truth = {**pm.DEFAULT_PARAMS, "compute_efficiency": 0.6, "memory_efficiency": 0.75, "step_overhead_us": 800.0,
+    truth = {**pm.DEFAULT_PARAMS, "compute_multiplier": 0.8, "memory_multiplier": 0.9, "host_overhead_us": 800.0,
              "collective_latency_us": 20.0}
     fake = [dataclasses.replace(r, framework="synthetic",
                                 e=dataclasses.replace(r.e, measured=r.predict(truth))) for r in rows]
     fitted = pm.fit_framework(fake, "synthetic")
     err = [abs(r.predict(fitted) / r.e.measured - 1) for r in fake]
     assert np.median(err) < 0.02
-    assert fitted["memory_efficiency"] == pytest.approx(0.75, rel=0.15)
+    assert fitted["memory_multiplier"] == pytest.approx(0.9, rel=0.15)
     assert fitted["provenance"]["n"] == len(rows) and fitted["provenance"]["sources"]
 
 
@@ -171,8 +178,33 @@ def test_cli_fit_writes_profile(tmp_path, capsys):
     path = tmp_path / "framework-fit-vllm.yaml"
     assert str(path) in out.replace("\n", "")
     d = yaml.safe_load(path.read_text())
-    assert d["framework"] == "vllm" and set(d["fitted"]) == set(pm.DEFAULT_PARAMS)
-    assert d["provenance"]["sources"] and d["held_out_error_after_fit"]
+    assert d["name"] == "vllm" and d["provenance"]["fit"]["sources"] and d["provenance"]["held_out_error_after_fit"]
+    assert set(d["provenance"]["not_in_profile"]) == set(pm.EXTRA_PARAMS)
+
+
+def test_written_profile_reproduces_the_fit(builtin, evaluated, tmp_path):
+    """The profile file carries the fitted numbers the cost model can apply: analyze under it equals the fit's
+    own prediction with the numbers a profile has no field for left at their defaults."""
+    from perfmodel.frameworks import apply_framework, load_framework
+
+    evals, _ = evaluated
+    rows = [r for r in evals if r.framework == "llama.cpp"]
+    fitted = pm.fit_framework(rows, "llama.cpp")
+    rep = {"before_heldout": [], "after_heldout": []}
+    path = pm.write_profile(tmp_path / "fit.yaml", fitted, rep, "builtin")
+    prof = load_framework(str(path))
+    assert prof.exec_mode == load_framework("llama.cpp").exec_mode
+    plain = {**fitted, **{k: pm.DEFAULT_PARAMS[k] for k in pm.EXTRA_PARAMS}}
+    checked = 0
+    for r in rows:
+        e = r.e
+        if e.decode_only or e.metric != "prefill_tokens_per_s":
+            continue
+        a = analyze(e.model, apply_framework(e.hw, prof), Workload(1, e.input_tokens, 1), e.precision,
+                    exec_mode=prof.exec_mode)
+        assert r.predict(plain) == pytest.approx(e.input_tokens / a.request["ttft_s"], rel=1e-6)
+        checked += 1
+    assert checked >= 5
 
 
 def test_cli_published_errors(tmp_path, capsys):

@@ -9,6 +9,7 @@ avg_latency), for which --model, --hardware, --batch, --input, --output say what
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -242,7 +243,7 @@ LATENCY_METRICS = ("ttft_s", "tpot_s", "e2e_s")
 RATE_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "output_tokens_per_s", "total_tokens_per_s",
                 "requests_per_s")
 UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "tokens/s": 1.0, "requests/s": 1.0}
-FIT_STEP_SAMPLES = 64  # decode steps sampled per row inside the fit's objective (reported figures use every step)
+FIT_STEP_SAMPLES = 24  # decode steps sampled per row inside the fit's objective (reported figures use every step)
 
 
 def builtin_measurements_path() -> Path:
@@ -305,11 +306,17 @@ def _group(op) -> int:
     return 0
 
 
-DEFAULT_PARAMS = {"compute_efficiency": 1.0, "memory_efficiency": 1.0, "attention_multiplier": 1.0,
-                  "moe_multiplier": 1.0, "prefill_overhead_us": 0.0, "step_overhead_us": 0.0,
-                  "collective_latency_us": 0.0, "matmul_half_dim": 0.0}
-# where the data cannot tell, a fitted number stays near the cost model's default (a log-space prior, weight 1)
-PRIOR = {"compute_efficiency": 0.7, "memory_efficiency": 0.8, "attention_multiplier": 1.0, "moe_multiplier": 1.0}
+# The fitted numbers of one framework. The first four are a framework profile's own fields (perfmodel.frameworks):
+# multipliers on the hardware's nominal compute and memory efficiency, an attention-kind multiplier (on both) and
+# the host overhead per serving step (prefill and each decode step). The others the cost model has no profile field
+# for yet; validate applies them and a written profile carries them in its provenance.
+PROFILE_PARAMS = ("compute_multiplier", "memory_multiplier", "attention_multiplier", "host_overhead_us")
+EXTRA_PARAMS = ("prefill_overhead_us", "collective_latency_us", "moe_multiplier", "matmul_half_dim")
+DEFAULT_PARAMS = {"compute_multiplier": 1.0, "memory_multiplier": 1.0, "attention_multiplier": 1.0,
+                  "host_overhead_us": 0.0, "prefill_overhead_us": 0.0, "collective_latency_us": 0.0,
+                  "moe_multiplier": 1.0, "matmul_half_dim": 0.0}
+# where the data cannot tell, a multiplier stays near 1 (the shipped profile's): a log-space prior of weight 1
+PRIOR = ("compute_multiplier", "memory_multiplier", "attention_multiplier", "moe_multiplier")
 
 
 def collectives_per_pass(model, par) -> int:
@@ -323,38 +330,46 @@ def collectives_per_pass(model, par) -> int:
 
 @dataclasses.dataclass
 class _Phase:
-    """One phase of one row at efficiency 1 and no overheads: per-op compute and memory seconds (layers folded in).
-    compute/memory have shape (ops,) for prefill and (ops, steps) for decode; group is each op's GROUPS index;
-    comm_s is the collectives' seconds summed over the phase's passes."""
+    """One phase of one row: per-op compute and memory seconds at efficiency 1 (layers folded in), shape (ops,)
+    for prefill and (ops, steps) for decode; each op's group (GROUPS) and its smallest matmul dimension (NaN for
+    other operators); floor_s is the shortest a graph-replayed kernel takes, times the op's layers; launch_s is the
+    forward's own host cost per pass (one graph launch, or the eager host glue); comm_s the collectives' seconds
+    summed over the phase's passes."""
 
     compute: np.ndarray
     memory: np.ndarray
     group: np.ndarray
+    min_dim: np.ndarray
+    floor_s: np.ndarray
     passes: int
-    comm_s: float = 0.0
-    weight: float = 1.0  # a sampled decode: each kept step stands for this many
-    collectives: int = 0  # per pass
-    min_dim: np.ndarray | None = None  # per op: a matmul's smallest dimension (NaN for other operators)
+    launch_s: float
+    comm_s: float
+    collectives: int  # per pass
 
-    def group_seconds(self, c: float = 1.0, m: float = 1.0, half_dim: float = 0.0) -> np.ndarray:
-        """Seconds per operator group at compute and memory efficiency c and m; a matmul of smallest dimension d
-        reaches c*d/(d+half_dim) (the cost model's matmul_half_dim)."""
+    def group_seconds(self, c: float = 1.0, m: float = 1.0, half_dim: float = 0.0, floor: bool = True,
+                      div=(1.0, 1.0, 1.0)) -> np.ndarray:
+        """Seconds per operator group at compute and memory efficiency c and m, each group's efficiencies times
+        its multiplier in div (as a profile's per-kind multipliers scale both), a kernel taking at least its
+        floor; a matmul of smallest dimension d reaches c*d/(d+half_dim)."""
         ce = np.full(len(self.group), c)
-        if half_dim and self.min_dim is not None:
+        if half_dim:
             d = self.min_dim
             ce = np.where(np.isnan(d), c, c * d / (d + half_dim))
-        ce = ce.reshape(-1, *([1] * (self.compute.ndim - 1)))
-        t = np.maximum(self.compute / ce, self.memory / m)
-        t = t.reshape(t.shape[0], -1).sum(axis=1) * self.weight
+        shape = (-1,) + (1,) * (self.compute.ndim - 1)
+        t = np.maximum(self.compute / ce.reshape(shape), self.memory / m) / np.asarray(div)[self.group].reshape(shape)
+        if floor:
+            t = np.maximum(t, self.floor_s.reshape(shape))
+        t = t.reshape(t.shape[0], -1).sum(axis=1)
         return np.bincount(self.group, weights=t, minlength=len(GROUPS))
 
-    def time(self, c: float = 1.0, m: float = 1.0, comm: bool = True) -> float:
-        return float(self.group_seconds(c, m).sum()) + (self.comm_s if comm else 0.0)
+    def roofline_s(self) -> float:
+        """Efficiency 1, no floors, launches or collectives: the bound no run can beat."""
+        return float(self.group_seconds(floor=False).sum())
 
 
 @dataclasses.dataclass
 class _Expressed:
-    """A row as the cost model sees it: model, hardware, parallelism, precision and the phases to time."""
+    """A row as the cost model sees it: model, hardware, parallelism, precision, the framework's profile."""
 
     row: int
     metric: str
@@ -365,18 +380,28 @@ class _Expressed:
     steps: int
     divide: float  # per-GPU figures divide the system figure by this
     model: object
-    hw: HardwareSpec
+    hw: HardwareSpec  # the library hardware
     par: object
     precision: Precision
     decode_only: bool
     per: str
-    identical: bool = False  # every sequence and token the same (pad-token benchmark inputs): MoE routes as one
+    identical: bool  # every sequence and token the same (pad-token benchmark inputs): MoE routes as one token
+    exec_mode: str
+    profile: object  # perfmodel.frameworks.FrameworkProfile or None
+    hw_run: HardwareSpec  # the hardware as the framework's shipped profile runs it
+
+
+@functools.lru_cache(maxsize=None)
+def _library_hardware(name: str) -> HardwareSpec:
+    return load_hardware(name)  # parsed once per process: a published set names the same few accelerators
 
 
 def express_row(r) -> _Expressed | str:
     """The row in the cost model's terms, or the reason it cannot be expressed (a string)."""
+    from perfmodel.costmodel.execution import DEFAULT_EXEC
     from perfmodel.costmodel.parallel import Parallelism
     from perfmodel.dtypes import get_dtype
+    from perfmodel.frameworks import apply_framework, list_frameworks
 
     metric = r["metric"]
     if metric not in LATENCY_METRICS + RATE_METRICS:
@@ -388,7 +413,7 @@ def express_row(r) -> _Expressed | str:
     except PerfmodelError:
         return f"model {r['model']!r} is not in the perfmodel library"
     try:
-        hw = load_hardware(r["hardware"])
+        hw = _library_hardware(r["hardware"])
     except PerfmodelError:
         return f"hardware {r['hardware']!r} is not in the perfmodel library"
     if not model.is_decoder_only:
@@ -428,24 +453,29 @@ def express_row(r) -> _Expressed | str:
         return "a prefill rate needs an input length"
     if decode_only:
         steps = out
+    elif metric in ("ttft_s", "prefill_tokens_per_s"):
+        steps = 0
     else:
-        if metric != "ttft_s" and metric != "prefill_tokens_per_s" and out < 2:
+        if out < 2:
             return "a decode figure needs at least two output tokens"
-        steps = max(out - 1, 0)
-        if metric in ("ttft_s", "prefill_tokens_per_s"):
-            steps = 0
+        steps = out - 1
+    profiles = {f.name: f for f in list_frameworks()}
+    prof = profiles.get(r["framework"])
+    exec_mode = prof.exec_mode if prof else DEFAULT_EXEC
+    hw_run = apply_framework(hw, prof) if prof else hw
     batch = _int(r["batch_or_concurrency"], 0)
     divide = float(gpus) if r["per"] == "gpu" else 1.0
     measured = float(r["value"]) * UNITS[r["unit"]]
     return _Expressed(int(r["row"]), metric, measured, batch, inp, out, steps, divide, model, hw, par, precision,
-                      decode_only, r["per"], "pad-token inputs" in r["scenario"])
+                      decode_only, r["per"], "pad-token inputs" in r["scenario"], exec_mode, prof, hw_run)
 
 
 def _unit_hardware(hw: HardwareSpec) -> HardwareSpec:
-    """The datasheet roofs as they are: efficiency 1, no launch or dispatch overheads."""
+    """The datasheet roofs as they are: efficiency 1, no launch or dispatch overheads, no kernel floor."""
     from perfmodel.specs.hardware import Efficiency
 
-    return dataclasses.replace(hw, efficiency=Efficiency(compute=1.0, memory=1.0), launch_overhead_us=0.0)
+    return dataclasses.replace(hw, efficiency=Efficiency(compute=1.0, memory=1.0), launch_overhead_us=0.0,
+                               kernel_min_us=0.0, graph_launch_us=0.0, host_overhead_us=0.0)
 
 
 def _ops(e: _Expressed, batch, new, past, phase):
@@ -457,26 +487,31 @@ def _ops(e: _Expressed, batch, new, past, phase):
         from perfmodel.costmodel.operators import expected_experts_touched
 
         touched = expected_experts_touched(e.model.num_experts, e.model.experts_per_token, 1)
-    ops = split_ops(phase_ops(e.model, batch, new, past, e.precision, True, experts_touched=touched, phase=phase),
-                    e.par, e.model)
+    ops = split_ops(phase_ops(e.model, batch, new, past, e.precision, True, experts_touched=touched, phase=phase,
+                              exec_mode=e.exec_mode), e.par, e.model)
     comm = sum(comm_seconds(e.model, e.par, e.hw, np.asarray(batch) * np.asarray(new), e.precision).values())
     return ops, float(np.sum(comm))
 
 
 def _phase_arrays(e: _Expressed, ops, steps: int | None, comm_s: float) -> _Phase:
-    from perfmodel.costmodel.roofline import op_timings
+    from perfmodel.costmodel.execution import launches_per_op
+    from perfmodel.costmodel.roofline import host_op, op_timing, op_timings
 
-    t = op_timings(ops, _unit_hardware(e.hw), e.precision)
+    t = op_timings(ops, _unit_hardware(e.hw), e.precision, e.exec_mode, host=False)
     group = np.array([_group(x.op) for x in t], dtype=np.int64)
     min_dim = np.array([float(np.max(x.op.min_dim)) if x.op.min_dim is not None and x.op.kind in
                         ("matmul", "attention") else np.nan for x in t])
+    graph = not launches_per_op(e.exec_mode)
+    floor = np.array([e.hw.kernel_min_us * 1e-6 * x.op.layers if graph else 0.0 for x in t])
+    launch = float(op_timing(host_op(ops, e.hw_run, e.exec_mode), e.hw_run, e.precision, e.exec_mode).time_s)
+    coll = collectives_per_pass(e.model, e.par)
     if steps is None:  # prefill: scalars per op
         comp = np.array([float(np.sum(x.compute_s)) * x.op.layers for x in t])
         mem = np.array([float(np.sum(x.memory_s)) * x.op.layers for x in t])
-        return _Phase(comp, mem, group, 1, comm_s, collectives=collectives_per_pass(e.model, e.par), min_dim=min_dim)
+        return _Phase(comp, mem, group, min_dim, floor, 1, launch, comm_s, coll)
     comp = np.stack([np.broadcast_to(np.asarray(x.compute_s, dtype=np.float64), (steps,)) * x.op.layers for x in t])
     mem = np.stack([np.broadcast_to(np.asarray(x.memory_s, dtype=np.float64), (steps,)) * x.op.layers for x in t])
-    return _Phase(comp, mem, group, steps, comm_s, 1.0, collectives_per_pass(e.model, e.par), min_dim)
+    return _Phase(comp, mem, group, min_dim, floor, steps, launch, comm_s, coll)
 
 
 def max_fitting_batch(e: _Expressed, reserve: bool = True) -> int:
@@ -535,7 +570,7 @@ def metric_value(e: _Expressed, batch: int, pre_s: float, dec_s: float) -> float
 
 @dataclasses.dataclass
 class RowEval:
-    """One expressed row: its phases at the predicted batch (efficiency 1, no overheads) and the figures."""
+    """One expressed row: its phases at the predicted batch and the figures."""
 
     e: _Expressed
     framework: str
@@ -543,39 +578,44 @@ class RowEval:
     batch: int
     pre: _Phase | None
     dec: _Phase | None
-    nominal: float  # the cost model as it is: library hardware, its efficiency factors and launch overheads
+    nominal: float  # the cost model as it is: library hardware under the framework's shipped profile
     roofline: float  # efficiency 1, no launch/dispatch overheads, no communication, the largest possible batch
 
     def seconds(self, params: dict) -> tuple[float, float]:
-        """Prefill and decode seconds under a framework's fitted numbers: the roofs scaled by compute and memory
-        efficiency, attention and MoE-expert operators' times divided by their multipliers, one overhead per
-        prefill pass and one per decode step (in place of per-kernel launches), collectives at the link's
-        datasheet rate."""
+        """Prefill and decode seconds under a framework's fitted numbers: the hardware's nominal efficiencies
+        times the compute and memory multipliers (at most 1, as a profile applies them), attention and
+        MoE-expert operators' times divided by their multipliers, kernel floors and the forward's launch as the
+        exec mode has them, the host overhead on every step (prefill included) plus the prefill overhead,
+        collectives at the link's datasheet rate plus the latency per collective."""
         p = {**DEFAULT_PARAMS, **params}
+        eff = self.e.hw.efficiency
+        c = min(1.0, eff.compute * p["compute_multiplier"])
+        m = min(1.0, eff.memory * p["memory_multiplier"])
         div = np.array([1.0, p["attention_multiplier"], p["moe_multiplier"]])
-        c, m, hd = p["compute_efficiency"], p["memory_efficiency"], p["matmul_half_dim"]
-        coll = p["collective_latency_us"] * 1e-6
-        pre = dec = 0.0
-        if self.pre is not None:
-            pre = (float((self.pre.group_seconds(c, m, hd) / div).sum()) + self.pre.comm_s
-                   + p["prefill_overhead_us"] * 1e-6 + coll * self.pre.collectives)
-        if self.dec is not None:
-            dec = (float((self.dec.group_seconds(c, m, hd) / div).sum()) + self.dec.comm_s
-                   + (p["step_overhead_us"] * 1e-6 + coll * self.dec.collectives) * self.dec.passes)
-        return pre, dec
+        coll, host = p["collective_latency_us"] * 1e-6, p["host_overhead_us"] * 1e-6
+        out = []
+        for ph, extra in ((self.pre, p["prefill_overhead_us"] * 1e-6), (self.dec, 0.0)):
+            if ph is None:
+                out.append(0.0)
+                continue
+            body = float(ph.group_seconds(c, m, p["matmul_half_dim"], div=div).sum())
+            out.append(body + ph.comm_s + (ph.launch_s + host + coll * ph.collectives) * ph.passes + extra)
+        return out[0], out[1]
 
     def predict(self, params: dict) -> float:
         return metric_value(self.e, self.batch, *self.seconds(params))
 
 
-def _nominal_seconds(e: _Expressed, ops_comm) -> float:
-    """The cost model as it is (library hardware with its efficiency factors and launch overheads) + collectives."""
+def _nominal_seconds(e: _Expressed, ops_comm, passes: int = 1) -> float:
+    """The cost model as it is (the hardware under the framework's shipped profile, in its exec mode, with the
+    forward's launch and the host overhead per step) plus collectives: analyze's own figure on one device."""
     from perfmodel.costmodel.roofline import op_timings, phase_summary
 
     if ops_comm is None:
         return 0.0
     ops, comm = ops_comm
-    return float(np.sum(phase_summary(op_timings(ops, e.hw, e.precision))["time_s"])) + comm
+    body = np.broadcast_to(phase_summary(op_timings(ops, e.hw_run, e.precision, e.exec_mode))["time_s"], (passes,))
+    return float(np.sum(body)) + comm + e.hw_run.host_overhead_us * 1e-6 * passes
 
 
 def evaluate_row(e: _Expressed, framework: str = "", source: str = "") -> RowEval:
@@ -583,12 +623,13 @@ def evaluate_row(e: _Expressed, framework: str = "", source: str = "") -> RowEva
     batch = e.batch or max(max_fitting_batch(e, reserve=True), 1)
     built = _build(e, batch)
     pre, dec = _phases(e, built)
-    nominal = metric_value(e, batch, _nominal_seconds(e, built.get("pre")), _nominal_seconds(e, built.get("dec")))
+    nominal = metric_value(e, batch, _nominal_seconds(e, built.get("pre")),
+                           _nominal_seconds(e, built.get("dec"), max(e.steps, 1)))
     rb, rpre, rdec = batch, pre, dec
     if not e.batch:  # the bound runs the largest batch memory could hold
         rb = max(max_fitting_batch(e, reserve=False), 1)
         rpre, rdec = _phases(e, _build(e, rb))
-    roof = metric_value(e, rb, rpre.time(comm=False) if rpre else 0.0, rdec.time(comm=False) if rdec else 0.0)
+    roof = metric_value(e, rb, rpre.roofline_s() if rpre else 0.0, rdec.roofline_s() if rdec else 0.0)
     return RowEval(e, framework, source, batch, pre, dec, nominal, roof)
 
 
@@ -624,10 +665,6 @@ def split_by_source(df: pd.DataFrame, counts: dict | None = None) -> dict[str, i
     return half
 
 
-def _errors(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
-    return pred / meas - 1.0
-
-
 def error_table(evals: list[RowEval], which: str, params: dict | None = None) -> list[dict]:
     """n, median and p90 |error| and signed bias (median signed error, + = predicted too high) per framework and
     metric, in %. which: nominal | roofline | fitted (with params: framework -> fitted numbers)."""
@@ -651,7 +688,7 @@ def error_table(evals: list[RowEval], which: str, params: dict | None = None) ->
 _METRIC_CODES = {m: i for i, m in enumerate(LATENCY_METRICS + RATE_METRICS)}
 
 
-def _metric_vec(code, batch, scale, steps, inp, out, pre, dec):
+def _metric_vec(code, scale, steps, inp, out, pre, dec):
     """metric_value over arrays of rows (code: _METRIC_CODES)."""
     total = pre + dec
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -661,107 +698,107 @@ def _metric_vec(code, batch, scale, steps, inp, out, pre, dec):
 
 
 class _FitData:
-    """The training rows of one framework flattened for a fast objective: per op and sampled step, its compute
-    and memory seconds at efficiency 1, its row, phase and group."""
+    """The training rows of one framework flattened for a fast objective: per op and sampled decode step, its
+    compute and memory seconds at efficiency 1, kernel floor, row, phase and group."""
 
     def __init__(self, rows: list[RowEval]):
-        cs, ms, wt, seg, md = [], [], [], [], []
+        parts = {k: [] for k in ("cs", "ms", "fl", "wt", "seg", "md", "bc", "bm")}
         self.n = len(rows)
         for k, r in enumerate(rows):
+            eff = r.e.hw.efficiency
             for ph, phase in enumerate((r.pre, r.dec)):
                 if phase is None:
                     continue
-                c, m = phase.compute, phase.memory
+                c, m, w = phase.compute, phase.memory, 1.0
                 if c.ndim == 2 and c.shape[1] > FIT_STEP_SAMPLES:
                     idx = np.unique(np.linspace(0, c.shape[1] - 1, FIT_STEP_SAMPLES).round().astype(int))
-                    w = phase.weight * c.shape[1] / len(idx)
+                    w = c.shape[1] / len(idx)
                     c, m = c[:, idx], m[:, idx]
-                else:
-                    w = phase.weight
-                g = np.broadcast_to(phase.group[:, None] if c.ndim == 2 else phase.group, c.shape)
-                d = np.broadcast_to(phase.min_dim[:, None] if c.ndim == 2 else phase.min_dim, c.shape)
-                md.append(d.ravel())
-                cs.append(c.ravel())
-                ms.append(m.ravel())
-                wt.append(np.full(c.size, w))
-                seg.append(((k * 2 + ph) * len(GROUPS) + g).ravel())
-        self.cs, self.ms, self.wt = np.concatenate(cs), np.concatenate(ms), np.concatenate(wt)
-        self.seg = np.concatenate(seg)
-        md = np.concatenate(md)
-        self.is_mm = ~np.isnan(md)
-        self.min_dim = np.where(self.is_mm, md, 1.0)
+                col = (lambda a: np.broadcast_to(a[:, None], c.shape)) if c.ndim == 2 else (lambda a: a)  # noqa: E731
+                parts["cs"].append(c.ravel())
+                parts["ms"].append(m.ravel())
+                parts["fl"].append(col(phase.floor_s).ravel())
+                parts["md"].append(col(phase.min_dim).ravel())
+                parts["seg"].append(((k * 2 + ph) * len(GROUPS) + col(phase.group)).ravel())
+                parts["wt"].append(np.full(c.size, w))
+                parts["bc"].append(np.full(c.size, eff.compute))
+                parts["bm"].append(np.full(c.size, eff.memory))
+        for key, v in parts.items():
+            setattr(self, key, np.concatenate(v))
+        self.is_mm = ~np.isnan(self.md)
+        self.md = np.where(self.is_mm, self.md, 1.0)
         f = lambda fn: np.array([fn(r) for r in rows], dtype=np.float64)  # noqa: E731
-        self.has_pre = f(lambda r: r.pre is not None)
-        self.steps = f(lambda r: r.dec.passes if r.dec is not None else 0)
+        self.passes = np.stack([f(lambda r: 1 if r.pre is not None else 0),
+                                f(lambda r: r.dec.passes if r.dec is not None else 0)], axis=1)
+        self.fixed = np.stack([f(lambda r: (r.pre.comm_s + r.pre.launch_s) if r.pre else 0.0),
+                               f(lambda r: (r.dec.comm_s + r.dec.launch_s * r.dec.passes) if r.dec else 0.0)], axis=1)
         self.coll = f(lambda r: (r.pre or r.dec).collectives)
-        self.comm = np.stack([f(lambda r: r.pre.comm_s if r.pre else 0.0), f(lambda r: r.dec.comm_s if r.dec else 0.0)])
         self.code = np.array([_METRIC_CODES[r.e.metric] for r in rows])
-        self.batch = f(lambda r: r.batch)
         self.scale = f(lambda r: 1.0 if r.e.per == "request" else r.batch / r.e.divide)
+        self.steps = f(lambda r: r.e.steps)
         self.inp, self.out = f(lambda r: r.e.input_tokens), f(lambda r: r.e.output_tokens)
         self.measured = f(lambda r: r.e.measured)
 
     def predict(self, p: dict) -> np.ndarray:
-        c = p["compute_efficiency"]
+        c = np.minimum(1.0, self.bc * p["compute_multiplier"])
         if p["matmul_half_dim"]:
-            c = np.where(self.is_mm, c * self.min_dim / (self.min_dim + p["matmul_half_dim"]), c)
-        t = np.maximum(self.cs / c, self.ms / p["memory_efficiency"]) * self.wt
+            c = np.where(self.is_mm, c * self.md / (self.md + p["matmul_half_dim"]), c)
+        m = np.minimum(1.0, self.bm * p["memory_multiplier"])
+        div = np.array([1.0, p["attention_multiplier"], p["moe_multiplier"]])[self.seg % len(GROUPS)]
+        t = np.maximum(np.maximum(self.cs / c, self.ms / m) / div, self.fl) * self.wt
         s = np.bincount(self.seg, weights=t, minlength=self.n * 2 * len(GROUPS)).reshape(self.n, 2, len(GROUPS))
-        s = s / np.array([1.0, p["attention_multiplier"], p["moe_multiplier"]])
-        coll = p["collective_latency_us"] * 1e-6 * self.coll
-        pre = s[:, 0].sum(axis=1) + self.comm[0] + (p["prefill_overhead_us"] * 1e-6 + coll) * self.has_pre
-        dec = s[:, 1].sum(axis=1) + self.comm[1] + (p["step_overhead_us"] * 1e-6 + coll) * self.steps
-        return _metric_vec(self.code, self.batch, self.scale, self.steps, self.inp, self.out, pre, dec)
+        s = s.sum(axis=2)
+        per_pass = (p["host_overhead_us"] + p["collective_latency_us"] * self.coll) * 1e-6
+        t = s + self.fixed + self.passes * per_pass[:, None]
+        pre = t[:, 0] + p["prefill_overhead_us"] * 1e-6 * self.passes[:, 0]
+        return _metric_vec(self.code, self.scale, self.steps, self.inp, self.out, pre, t[:, 1])
 
     def loss(self, p: dict) -> float:
-        prior = sum(np.log(p[k] / v) ** 2 for k, v in PRIOR.items())
+        prior = sum(np.log(p[k]) ** 2 for k in PRIOR)
         return float(np.sum(np.log(self.predict(p) / self.measured) ** 2) + prior)
 
 
-# the fit's search space: efficiencies and multipliers on log grids, overheads on a log-spaced grid with zero
-_SEARCH = {"compute_efficiency": (0.01, 1.0), "memory_efficiency": (0.05, 1.0), "attention_multiplier": (0.05, 4.0),
-           "moe_multiplier": (0.05, 4.0), "prefill_overhead_us": (0.0, 1e5), "step_overhead_us": (0.0, 1e5),
+# the fit's search space: multipliers on log grids (at most 2, a profile's limit), overheads on log grids with 0
+_SEARCH = {"compute_multiplier": (0.02, 2.0), "memory_multiplier": (0.05, 2.0), "attention_multiplier": (0.05, 2.0),
+           "moe_multiplier": (0.05, 2.0), "host_overhead_us": (0.0, 1e5), "prefill_overhead_us": (0.0, 1e5),
            "collective_latency_us": (0.0, 1e3), "matmul_half_dim": (0.0, 4096.0)}
 
 
 def fit_framework(rows: list[RowEval], framework: str) -> dict:
-    """A framework's numbers from its rows among `rows`: compute and memory efficiency, attention and MoE-expert
-    multipliers (fitted only where the rows hold such operators), overhead per prefill pass and per decode step
-    (µs), latency per collective (µs, where the rows run tensor parallel), the matmul half-efficiency dimension
-    (tokens: small-batch matmuls cannot fill the machine), minimising the sum of squared log
-    errors (predicted/measured) plus a log-space prior pulling the efficiencies and multipliers towards the cost
-    model's defaults (PRIOR) where the rows cannot tell them apart. Coordinate descent: each number in turn
-    on a grid around its current value, the grid narrowing when a sweep no longer improves; the decode steps of
-    each row are sampled (FIT_STEP_SAMPLES) inside the objective. Returns the numbers and their provenance."""
+    """A framework's numbers from its rows among `rows`: compute and memory multipliers on the hardware's nominal
+    efficiency, an attention multiplier and the host overhead per step (a profile's fields), and where the rows
+    can see them an extra overhead per prefill pass, a latency per collective (tensor-parallel rows), an
+    MoE-expert multiplier (MoE rows) and a matmul half-efficiency dimension (tokens: small-batch matmuls cannot
+    fill the machine). Minimises the sum of squared log errors (predicted/measured) plus a log-space prior pulling
+    the multipliers towards 1 where the rows cannot tell. Coordinate descent: each number in turn on a grid around
+    its value, the grid narrowing when a sweep no longer improves; each row's decode steps are sampled
+    (FIT_STEP_SAMPLES) inside the objective. Returns the numbers and their provenance."""
     import datetime
 
     rows = [r for r in rows if r.framework == framework]
     if not rows:
         raise PerfmodelError(f"--framework: no expressible rows of {framework!r} to fit")
     data = _FitData(rows)
-    free = ["compute_efficiency", "memory_efficiency", "matmul_half_dim"]
-    # an overhead is fitted only where some metric can see it apart from the rest
+    free = ["compute_multiplier", "memory_multiplier", "host_overhead_us", "matmul_half_dim"]
     if any(r.e.metric in ("ttft_s", "prefill_tokens_per_s") for r in rows):
-        free.append("prefill_overhead_us")
-    if any(r.dec is not None for r in rows):
-        free.append("step_overhead_us")
-    if any(((r.pre is not None and (r.pre.group == 1).any()) or (r.dec is not None and (r.dec.group == 1).any()))
-           for r in rows):
+        free.append("prefill_overhead_us")  # only a prefill-only metric sees it apart from the step overhead
+    if any(ph is not None and (ph.group == 1).any() for r in rows for ph in (r.pre, r.dec)):
         free.append("attention_multiplier")
     if any(r.e.model.is_moe for r in rows):
         free.append("moe_multiplier")
     if any((r.pre or r.dec).collectives for r in rows):
         free.append("collective_latency_us")
-    p = {**DEFAULT_PARAMS, "compute_efficiency": 0.5, "memory_efficiency": 0.7}
+    p = dict(DEFAULT_PARAMS)
     best = data.loss(p)
     span = 4.0  # factor either side searched; shrinks as the fit settles
-    for _ in range(40):
+    for _ in range(60):
         improved = False
         for k in free:
             lo, hi = _SEARCH[k]
             v = p[k]
-            if k.endswith("_us") or k == "matmul_half_dim":
-                cand = np.unique(np.concatenate([[0.0], np.clip(max(v, 1.0) * np.geomspace(1 / span, span, 9), 0, hi)]))
+            if k in ("host_overhead_us", "prefill_overhead_us", "collective_latency_us", "matmul_half_dim"):
+                grid = np.clip(max(v, 1.0) * np.geomspace(1 / span, span, 9), 0, hi)
+                cand = np.unique(np.concatenate([[0.0], grid]))
             else:
                 cand = np.unique(np.clip(v * np.geomspace(1 / span, span, 9), lo, hi))
             for x in cand:
@@ -773,18 +810,16 @@ def fit_framework(rows: list[RowEval], framework: str) -> dict:
             if span < 1.02:
                 break
             span = span ** 0.5
-    hw = sorted({r.e.hw.name for r in rows})
-    fitted = {k: (round(p[k], 4) if k in free else DEFAULT_PARAMS[k]) for k in DEFAULT_PARAMS}
+    fitted = {k: round(float(p[k]), 4) for k in DEFAULT_PARAMS}
+    prof = rows[0].e.profile
     return {"framework": framework, **fitted,
-            "provenance": {"sources": sorted({r.source for r in rows}), "n": len(rows), "hardware": hw,
+            "provenance": {"sources": sorted({r.source for r in rows}), "n": len(rows),
+                           "hardware": sorted({r.e.hw.name for r in rows}),
                            "metrics": sorted({r.e.metric for r in rows}), "fitted": free,
+                           "exec": rows[0].e.exec_mode, "shipped_profile": prof.path if prof else None,
                            "date": datetime.date.today().isoformat(),
-                           "objective": "sum of squared log errors (predicted/measured) + sum of squared log(value/default) "
-                                        "over " + ", ".join(PRIOR), "loss": round(best, 4),
-                           "convention": "an overhead per prefill pass and per decode step replaces per-kernel "
-                                         "launch overheads; one set of numbers for every hardware of the "
-                                         "framework; multipliers divide the time of attention and of MoE-expert "
-                                         "operators"}}
+                           "objective": "sum of squared log errors (predicted/measured) + sum of squared log of "
+                                        + ", ".join(PRIOR), "loss": round(best, 4)}}
 
 
 def holdout_report(evals: list[RowEval], df: pd.DataFrame, frameworks: list[str] | None = None) -> dict:
@@ -804,26 +839,49 @@ def holdout_report(evals: list[RowEval], df: pd.DataFrame, frameworks: list[str]
             "n_fit": len(train), "n_heldout": len(test)}
 
 
+def fitted_profile(fitted: dict, report: dict, measurements: str) -> dict:
+    """A framework profile (perfmodel.frameworks' schema) holding the fitted numbers: the shipped profile's
+    exec mode, formats and block size, the multipliers under efficiency.default, the host overhead under
+    host_overhead_us.default; the numbers a profile has no field for, the fit's data and the held-out errors go
+    under provenance."""
+    from perfmodel.frameworks import load_framework
+
+    fw = fitted["framework"]
+    try:
+        base = load_framework(fw).to_dict()
+    except PerfmodelError:
+        base = {"name": fw, "description": fw, "exec": fitted["provenance"]["exec"]}
+    a = fitted["attention_multiplier"]
+    prof = {k: base[k] for k in ("name", "description", "version", "exec", "kv_block_tokens", "weight_formats",
+                                 "kv_formats", "native_compute") if k in base}
+    prof["efficiency"] = {"default": {"compute": fitted["compute_multiplier"], "memory": fitted["memory_multiplier"],
+                                      "kinds": {"attention": {"compute": a, "memory": a}}}}
+    prof["host_overhead_us"] = {"default": fitted["host_overhead_us"]}
+    prof["provenance"] = {
+        "efficiency": "fitted", "host_overhead_us": "fitted", "measurements": measurements,
+        "fit": fitted["provenance"],
+        "hold_out": "fitted on the half 'fit' of a split by source (no source in both halves); the errors below "
+                    "are on the other half",
+        "not_in_profile": {k: fitted[k] for k in EXTRA_PARAMS},
+        "held_out_error_before_fit": [r for r in report["before_heldout"] if r["framework"] == fw],
+        "held_out_error_after_fit": [r for r in report["after_heldout"] if r["framework"] == fw]}
+    return _plain_floats(prof)
+
+
 def write_profile(path: Path, fitted: dict, report: dict, measurements: str) -> Path:
-    """The fitted numbers and their provenance as YAML (atomic write), for a framework profile."""
+    """The fitted profile as YAML (atomic write); `perfmodel ... --framework PATH` loads it."""
     import yaml
 
     from perfmodel.output import atomic_write
 
-    fw = fitted["framework"]
-    doc = {"framework": fw, "fitted": {k: fitted[k] for k in DEFAULT_PARAMS},
-           "provenance": {**fitted["provenance"], "measurements": measurements,
-                          "hold_out": "fitted on the half 'fit' of a split by source (no source in both "
-                                      "halves); the errors below are on the other half"},
-           "held_out_error_before_fit": [r for r in report["before_heldout"] if r["framework"] == fw],
-           "held_out_error_after_fit": [r for r in report["after_heldout"] if r["framework"] == fw]}
-    return atomic_write(path, lambda p: p.write_text(yaml.safe_dump(_plain_floats(doc), sort_keys=False)))
+    doc = fitted_profile(fitted, report, measurements)
+    return atomic_write(path, lambda p: p.write_text(yaml.safe_dump(doc, sort_keys=False)))
 
 
 def _plain_floats(o):
     if isinstance(o, dict):
         return {k: _plain_floats(v) for k, v in o.items()}
-    if isinstance(o, list):
+    if isinstance(o, (list, tuple)):
         return [_plain_floats(v) for v in o]
     if isinstance(o, (np.floating, float)):
         return round(float(o), 4)
