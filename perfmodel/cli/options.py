@@ -64,13 +64,17 @@ def check_number(flag: str, value: Any) -> Any:
 PATH_ROLES = {"trace": "input", "measurements": "input", "out": "output", "out_dir": "folder",
               "out_root": "folder", "report_dir": "folder"}
 # (command, parameter) where the name alone says the wrong thing
-PATH_ROLE_OVERRIDES = {("kv-quality", "out"): "folder"}
+PATH_ROLE_OVERRIDES = {("kv-quality", "out"): "folder", ("validate", "measurements"): "input_or_builtin"}
 
 
 def check_path(flag: str, path: Path, role: str = "any") -> Path:
     """One clean line for a path the OS refuses, an input that is not a file, or an output that cannot be
     written (a folder where a file goes, a file where a folder goes, no write permission)."""
     text = str(path)
+    if role == "input_or_builtin":  # `--measurements builtin` names the package's published set, not a file
+        if text == "builtin":
+            return path
+        role = "input"
     try:
         if "\0" in text:
             raise PerfmodelError(f"{flag}: {show(text)}: a path cannot contain a NUL character")
