@@ -29,6 +29,7 @@ def load_engine_model(name: str, layers: int | None = None, seed: int = 0):
         tokenizer = GGUFTokenizer(path)
     elif p.is_dir() and list(p.glob("*.safetensors")):
         spec, weights = load_safetensors(p)
+        check_engine_support(spec)
     else:
         spec = load_model(name)
         if layers:
@@ -54,6 +55,27 @@ def check_engine_support(spec: ModelSpec) -> None:
     if spec.architecture != "decoder":
         raise PerfmodelError(f"model {spec.name}: the reference engine runs decoder-only models; "
                              f"{spec.architecture} models are modelled analytically only")
+    missing = unsupported_features(spec)
+    if missing:
+        raise PerfmodelError(f"model {spec.name}: the reference engine does not implement {', '.join(missing)}; "
+                             "this model is modelled analytically only")
+
+
+def unsupported_features(spec: ModelSpec) -> list[str]:
+    """Structure of today's families that the engine's transformer does not run (the cost model does)."""
+    checks = [
+        (bool(spec.attention_pattern), "mixed attention layer types"),
+        (bool(spec.qk_norm), "q/k norm"),
+        (spec.attention_sinks, "attention sinks"),
+        (spec.attn_logit_softcap is not None or spec.final_logit_softcap is not None, "logit soft-capping"),
+        (spec.sandwich_norm, "post-attention/post-MLP norms"),
+        (spec.o_bias or spec.moe_bias, "output/expert biases"),
+        (spec.is_moe and (spec.moe_layer_interval != 1 or spec.num_shared_experts > 0),
+         "interleaved MoE or shared experts"),
+        (spec.activation not in ("silu", "gelu"), f"the {spec.activation} activation"),
+        (bool(spec.expert_weight_dtype), f"{spec.expert_weight_dtype} expert weights"),
+    ]
+    return [what for bad, what in checks if bad]
 
 
 def _available_memory() -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -15,6 +17,7 @@ from perfmodel.errors import PerfmodelError, bad_value, short, show
 from perfmodel.schemas import count, dataclass_schema, is_dir, is_file, number, read_text, read_yaml_mapping, validate
 
 FAMILIES = ("llama", "mixtral", "gpt2", "deepseek")
+LAYER_TYPES = ("global", "sliding", "chunked")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,22 @@ class ModelSpec:
     num_encoder_layers: int = 0  # encoder-decoder: layers of the encoder stack (num_layers: the decoder's)
     gated: bool | None = None  # gated (SwiGLU/GeGLU) MLP; None: by family
     position_embedding: str = ""  # rope | learned | relative; "" by family
+    # per-layer attention structure (Gemma 2/3, gpt-oss, Llama 4). Layer i has type attention_pattern[i % len]:
+    # global (every earlier key), sliding (the last sliding_window keys), chunked (keys of its own
+    # attention_chunk_size-token chunk). () = every layer sliding when sliding_window is set, else global.
+    attention_pattern: tuple = ()
+    attention_chunk_size: int | None = None
+    global_nope: bool = False  # global layers apply no rotary embedding (Llama 4's NoPE layers)
+    qk_norm: str = ""  # "" | rmsnorm (per head, weighted: Qwen3, Gemma 3) | l2 (unweighted, Llama 4's RoPE layers)
+    attention_sinks: bool = False  # a learned per-head logit in the softmax denominator (gpt-oss)
+    attn_logit_softcap: float | None = None  # scores become cap*tanh(score/cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the final logits
+    sandwich_norm: bool = False  # a norm after attention and after the MLP too (Gemma 2/3: 4 norms per layer)
+    o_bias: bool = False  # a bias on the output projection (gpt-oss attention_bias)
+    moe_bias: bool = False  # biases on the router and the experts (gpt-oss)
+    moe_layer_interval: int = 1  # every k-th layer after first_dense_layers is MoE (Llama 4 Maverick: 2)
+    expert_weight_dtype: str = ""  # the published checkpoint's expert format (gpt-oss: mxfp4); "": the weights'
+    vision_params: int = 0  # vision encoder + projector in the checkpoint: held in memory, not run for text
     published_params: float | None = None
     source: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -77,6 +96,33 @@ class ModelSpec:
             raise bad_value(f"model {self.name}: architecture", self.architecture, "decoder|encoder|encoder-decoder")
         if self.num_experts and not self.moe_intermediate_size:
             object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
+        self._check_layer_structure()
+
+    def _check_layer_structure(self) -> None:
+        where = f"model {self.name}"
+        pattern = self.attention_pattern
+        if isinstance(pattern, str):
+            pattern = tuple(x.strip() for x in pattern.split(",") if x.strip())
+        object.__setattr__(self, "attention_pattern", tuple(pattern or ()))
+        for t in self.attention_pattern:
+            if t not in LAYER_TYPES:
+                raise bad_value(f"{where}: attention_pattern", t, "|".join(LAYER_TYPES))
+        if "sliding" in self.attention_pattern and not self.sliding_window:
+            raise bad_value(f"{where}: sliding_window", self.sliding_window, "a positive integer (sliding layers)")
+        if "chunked" in self.attention_pattern and not self.attention_chunk_size:
+            raise bad_value(f"{where}: attention_chunk_size", self.attention_chunk_size,
+                            "a positive integer (chunked layers)")
+        if self.qk_norm not in ("", "rmsnorm", "l2"):
+            raise bad_value(f"{where}: qk_norm", self.qk_norm, "rmsnorm|l2 or empty")
+        if not isinstance(self.moe_layer_interval, int) or self.moe_layer_interval < 1:
+            raise bad_value(f"{where}: moe_layer_interval", self.moe_layer_interval, "a positive integer")
+        if self.expert_weight_dtype:
+            from perfmodel.dtypes import get_dtype
+
+            get_dtype(self.expert_weight_dtype, f"{where}: expert_weight_dtype")
+        if not isinstance(self.vision_params, int) or self.vision_params < 0:
+            raise bad_value(f"{where}: vision_params", self.vision_params, "a non-negative integer")
+
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -114,7 +160,54 @@ class ModelSpec:
 
     @property
     def moe_layers(self) -> int:
-        return self.num_layers - self.first_dense_layers if self.is_moe else 0
+        """Layers i >= first_dense_layers with (i - first_dense_layers + 1) % moe_layer_interval == 0 (the
+        rule of DeepSeek's first_k_dense_replace, Llama 4's interleave_moe_layer_step, Qwen's decoder_sparse_step)."""
+        if not self.is_moe:
+            return 0
+        return (self.num_layers - self.first_dense_layers) // self.moe_layer_interval
+
+    # --- per-layer attention types ----------------------------------------------------------
+    def layer_types(self) -> list[str]:
+        """The attention type of every layer, first to last."""
+        if self.attention_pattern:
+            pat = self.attention_pattern
+            return [pat[i % len(pat)] for i in range(self.num_layers)]
+        return ["sliding" if self.sliding_window else "global"] * self.num_layers
+
+    def layer_type_counts(self) -> dict[str, int]:
+        """Layers of each attention type present, in LAYER_TYPES order."""
+        types = self.layer_types()
+        return {t: types.count(t) for t in LAYER_TYPES if t in types}
+
+    def attention_span(self, layer_type: str) -> tuple[int | None, int | None]:
+        """(window, chunk) of a layer type: the keys a query of that type may see."""
+        if layer_type == "sliding":
+            return self.sliding_window, None
+        if layer_type == "chunked":
+            return None, self.attention_chunk_size
+        return None, None
+
+    def cache_cap(self, layer_type: str) -> int | None:
+        """Most tokens a layer of this type keeps cached (None: all of them). A sliding layer keeps its window;
+        a chunked layer keeps at most one chunk (the capacity a server reserves for it)."""
+        window, chunk = self.attention_span(layer_type)
+        return window or chunk
+
+    @property
+    def rope_layers(self) -> int:
+        """Layers that rotate q and k (all of them for RoPE models, but not Llama 4's NoPE global layers)."""
+        if self.positions != "rope":
+            return 0
+        if self.global_nope:
+            return self.num_layers - self.layer_type_counts().get("global", 0)
+        return self.num_layers
+
+    @property
+    def qk_norm_layers(self) -> int:
+        """Layers with a q/k norm: all, except that Llama 4's unweighted L2 norm runs on its RoPE layers only."""
+        if not self.qk_norm:
+            return 0
+        return self.rope_layers if self.qk_norm == "l2" and self.global_nope else self.num_layers
 
     @property
     def dense_layers(self) -> int:
@@ -149,9 +242,15 @@ class ModelSpec:
         p = h * q_out + 2 * h * kv_out + q_out * h
         if self.qkv_bias or self.linear_bias:
             p += q_out + 2 * kv_out
-        if self.linear_bias:
+        if self.linear_bias or self.o_bias:
             p += h
+        if self.attention_sinks:
+            p += nq
         return p
+
+    def qk_norm_params(self) -> int:
+        """Weights of one layer's q and k norms (one head_dim vector each; none for an L2 norm)."""
+        return 2 * self.head_dim if self.qk_norm == "rmsnorm" else 0
 
     def mlp_params(self, ffn: int | None = None) -> int:
         h, f = self.hidden_size, self.intermediate_size if ffn is None else ffn
@@ -164,12 +263,21 @@ class ModelSpec:
         h, e = self.hidden_size, self.num_experts
         expert = self.mlp_params(self.moe_intermediate_size)
         shared = self.num_shared_experts * expert
-        total = h * e + e * expert + shared
-        active = h * e + self.experts_per_token * expert + shared
+        router = h * e
+        if self.moe_bias:  # router bias; each expert's gate/up and down biases (gpt-oss)
+            router += e
+            expert += (2 if self.gated_mlp else 1) * self.moe_intermediate_size + h
+        total = router + e * expert + shared
+        active = router + self.experts_per_token * expert + shared
         return total, active
 
     def norm_params(self) -> int:
         return self.hidden_size * (2 if self.norm == "layernorm" else 1)
+
+    @property
+    def norms_per_layer(self) -> int:
+        """Hidden-size norms in one layer: before attention and MLP, and after them too in sandwich models."""
+        return 4 if self.sandwich_norm else 2
 
     def embedding_params(self) -> int:
         p = self.vocab_size * self.hidden_size
@@ -191,14 +299,22 @@ class ModelSpec:
         extra_norms = 0
         if self.is_mla:
             extra_norms = 0  # q_a/kv_a norms are already in attention_params
-        per_layer_common = attn + 2 * self.norm_params() + extra_norms
+        per_layer_common = attn + self.norms_per_layer * self.norm_params() + extra_norms
         dense = self.dense_layers * (per_layer_common + self.mlp_params())
         if self.architecture == "encoder-decoder":  # encoder stack + a cross-attention block per decoder layer
             dense += self.num_encoder_layers * (per_layer_common + self.mlp_params())
             dense += self.num_layers * (attn + self.norm_params())
         moe_total, moe_active = self.moe_params() if self.is_moe else (0, 0)
         moe = self.moe_layers * (per_layer_common + (moe_active if active else moe_total))
-        return dense + moe + self.embedding_params() + self.lm_head_params() + self.norm_params()
+        qk_norms = self.qk_norm_layers * self.qk_norm_params()
+        vision = 0 if active else self.vision_params  # a text token never runs the vision tower
+        return (dense + moe + qk_norms + self.embedding_params() + self.lm_head_params() + self.norm_params()
+                + vision)
+
+    def expert_matmul_params(self) -> int:
+        """Matmul weights of all routed experts (the part a checkpoint may store in expert_weight_dtype)."""
+        mult = 3 if self.gated_mlp else 2
+        return self.moe_layers * self.num_experts * mult * self.hidden_size * self.moe_intermediate_size
 
     def matmul_params(self, active: bool = True) -> int:
         """Parameters that take part in matmuls for one token (no norms, biases, embeddings; LM head in)."""
@@ -225,6 +341,7 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("extra")
+        d["attention_pattern"] = list(self.attention_pattern)
         return d
 
 
@@ -243,6 +360,9 @@ MODEL_RULES = {
     "q_lora_rank": count(1, 2**17) | None, "kv_lora_rank": count(0, 2**17), "qk_nope_head_dim": count(0, 2**12),
     "qk_rope_head_dim": count(0, 2**12), "v_head_dim": count(0, 2**12), "num_encoder_layers": count(0, 2**11),
     "published_params": number(gt=0) | None,
+    "attention_chunk_size": count(1, 2**27) | None, "moe_layer_interval": count(1, 2**11),
+    "attn_logit_softcap": number(gt=0) | None, "final_logit_softcap": number(gt=0) | None,
+    "vision_params": count(0, 2**40),
 }
 ModelSchema = dataclass_schema(ModelSpec, MODEL_RULES, name="ModelSchema")
 _FIELDS = set(ModelSchema.model_fields)
@@ -301,13 +421,16 @@ def _int_or_none(x):
 
 
 def model_from_hf_config(cfg: dict, name: str = "", where: str = "config.json") -> ModelSpec:
-    """Map a Hugging Face config.json (llama, mistral, qwen2, gemma, mixtral, gpt2, bert, t5, deepseek_v2/v3) to
-    a ModelSpec. Every value goes through the model schema; errors name the config.json key."""
+    """Map a Hugging Face config.json (HF_MODEL_TYPES) to a ModelSpec. Every value goes through the model schema;
+    errors name the config.json key."""
     if not isinstance(cfg, dict):
         raise PerfmodelError(f"{where}: expected a JSON object of config fields, got {type(cfg).__name__}")
     mt = cfg.get("model_type", "llama")
     if not isinstance(mt, str):
         raise PerfmodelError(f"{where}: model_type: must be a string, got {show(mt)}")
+    mt = _TEXT_MODEL_TYPES.get(mt, mt)
+    if isinstance(cfg.get("text_config"), dict):  # multimodal checkpoints (Llama 4, Gemma 3): the language model
+        cfg = {**cfg, **cfg["text_config"]}
     name = name or str(cfg.get("_name_or_path") or mt)
     kw: dict = {"name": name, "source": "config.json"}
     rename: dict[str, str] = {}
@@ -353,9 +476,9 @@ def model_from_hf_config(cfg: dict, name: str = "", where: str = "config.json") 
                   gated=str(cfg.get("feed_forward_proj", "relu")).startswith("gated"))
     else:
         if "hidden_size" not in cfg:
-            raise PerfmodelError(f"{where}: model_type {mt!r} lacks hidden_size; supported: llama, mistral, qwen2, "
-                                 "gemma, mixtral, gpt2, bert, t5, deepseek_v2, deepseek_v3")
-        family = {"mixtral": "mixtral", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}.get(mt, "llama")
+            raise PerfmodelError(f"{where}: model_type {mt!r} lacks hidden_size; supported: {', '.join(HF_MODEL_TYPES)}")
+        moe_types = ("mixtral", "qwen3_moe", "llama4", "gpt_oss")
+        family = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}.get(mt, "mixtral" if mt in moe_types else "llama")
         for f, k in (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
                      ("num_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size"),
                      ("vocab_size", "vocab_size")):
@@ -366,8 +489,8 @@ def model_from_hf_config(cfg: dict, name: str = "", where: str = "config.json") 
         take("head_dim", "head_dim", None)
         kw["head_dim"] = kw["head_dim"] or 0
         take("max_position", "max_position_embeddings", 4096)
-        take("tied_embeddings", "tie_word_embeddings", False)
-        take("rope_theta", "rope_theta", 10000.0)
+        take("tied_embeddings", "tie_word_embeddings", mt.startswith("gemma"))  # Gemma's configs default to tied
+        take("rope_theta", "rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         take("norm_eps", "rms_norm_eps", 1e-5)
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         kw.update(family=family, sliding_window=window, activation="gelu" if mt.startswith("gemma") else "silu",
@@ -386,10 +509,87 @@ def model_from_hf_config(cfg: dict, name: str = "", where: str = "config.json") 
                          ("first_dense_layers", "first_k_dense_replace")):
                 take(f, k, None)
                 kw[f] = kw[f] or 0
+        _map_recent_families(mt, cfg, kw, take, where)
     for f in ("tied_embeddings",):  # JSON booleans only: "false" must not read as True
         if not isinstance(kw.get(f, False), bool):
             raise PerfmodelError(f"{where}: {rename.get(f, f)}: must be true or false, got {show(kw[f])}")
     return model_from_fields(kw, where, rename)
+
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
+                  "mixtral", "llama4", "gpt_oss", "phi3", "gpt2", "bert", "t5", "deepseek_v2", "deepseek_v3")
+_TEXT_MODEL_TYPES = {"llama4_text": "llama4", "gemma3_text": "gemma3"}
+_HF_LAYER_TYPES = {"full_attention": "global", "sliding_attention": "sliding", "chunked_attention": "chunked"}
+
+
+def _map_recent_families(mt: str, cfg: dict, kw: dict, take, where: str) -> None:
+    """The structure of Qwen3, Gemma 2/3, Llama 4 and gpt-oss configs (q/k norm, layer types, soft-caps, MoE
+    interleave, sinks, biases, checkpoint formats), added to the llama-style fields already in kw."""
+    layers = kw["num_layers"]
+    if mt in ("qwen3", "qwen3_moe"):
+        kw["qk_norm"] = "rmsnorm"
+    if mt == "qwen3_moe":
+        take("num_experts", "num_experts")
+        take("experts_per_token", "num_experts_per_tok")
+        take("moe_intermediate_size", "moe_intermediate_size")
+        take("moe_layer_interval", "decoder_sparse_step", 1)
+        kw["first_dense_layers"] = _leading_dense_layers(cfg.get("mlp_only_layers") or [], where)
+    if mt == "gemma2":
+        kw.update(attention_pattern=("sliding", "global"), sandwich_norm=True)
+        take("attn_logit_softcap", "attn_logit_softcapping", None)
+        take("final_logit_softcap", "final_logit_softcapping", None)
+    if mt == "gemma3":
+        n = cfg.get("sliding_window_pattern") or 6
+        if not isinstance(n, int) or n < 1:
+            raise PerfmodelError(f"{where}: sliding_window_pattern: must be an integer >= 1, got {show(n)}")
+        kw.update(attention_pattern=("sliding",) * (n - 1) + ("global",), sandwich_norm=True, qk_norm="rmsnorm")
+        take("attn_logit_softcap", "attn_logit_softcapping", None)
+        take("final_logit_softcap", "final_logit_softcapping", None)
+    if mt == "llama4":
+        step = take("moe_layer_interval", "interleave_moe_layer_step", 1)
+        moe_at = cfg.get("moe_layers")
+        if moe_at is not None and isinstance(step, int) and step >= 1 \
+                and list(moe_at) != list(range(step - 1, layers, step)):
+            raise PerfmodelError(f"{where}: moe_layers: only every interleave_moe_layer_step-th layer is expressed, "
+                                 f"got {show(moe_at)}")
+        every = cfg.get("no_rope_layer_interval") or 4
+        rope = cfg.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(layers)]
+        chunk = take("attention_chunk_size", "attention_chunk_size", None)
+        kw["intermediate_size"] = cfg.get("intermediate_size_mlp") or kw["intermediate_size"]
+        take("moe_intermediate_size", "intermediate_size")
+        take("num_experts", "num_local_experts")
+        take("experts_per_token", "num_experts_per_tok")
+        kw.update(num_shared_experts=1, global_nope=True, qk_norm="l2" if cfg.get("use_qk_norm", True) else "",
+                  attention_pattern=_period([("chunked" if chunk else "global") if r else "global" for r in rope]))
+    if mt == "gpt_oss":
+        take("num_experts", "num_local_experts")
+        take("experts_per_token", "num_experts_per_tok")
+        bias = bool(cfg.get("attention_bias", True))
+        quant = (cfg.get("quantization_config") or {}).get("quant_method", "")
+        kw.update(attention_sinks=True, qkv_bias=bias, o_bias=bias, moe_bias=True, activation="swiglu_oai",
+                  expert_weight_dtype="mxfp4" if quant == "mxfp4" else "", attention_pattern=("sliding", "global"))
+    if isinstance(cfg.get("layer_types"), list) and cfg["layer_types"]:  # the explicit list wins over each rule
+        kw["attention_pattern"] = _period([_HF_LAYER_TYPES.get(t, t) for t in cfg["layer_types"]])
+    if kw.get("attention_pattern") == ("global",):
+        kw.update(attention_pattern=(), sliding_window=None)
+    elif kw.get("attention_pattern") == ("sliding",):
+        kw["attention_pattern"] = ()
+
+
+def _period(types: list) -> tuple:
+    """The shortest repeating unit of a per-layer list (the whole list if it does not repeat)."""
+    n = len(types)
+    for p in range(1, n + 1):
+        if all(types[i] == types[i % p] for i in range(n)):
+            return tuple(types[:p])
+    return tuple(types)
+
+
+def _leading_dense_layers(dense: list, where: str) -> int:
+    """mlp_only_layers as a count of leading dense layers; other placements are not expressed."""
+    if sorted(dense) != list(range(len(dense))):
+        raise PerfmodelError(f"{where}: mlp_only_layers: only leading dense layers are expressed, got {show(dense)}")
+    return len(dense)
 
 
 @lru_cache(maxsize=1)
@@ -402,8 +602,39 @@ def list_models() -> list[ModelSpec]:
     return [model_from_dict(n, d) for n, d in _library().items()]
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hf_cache_dirs() -> list[Path]:
+    """Where a Hugging Face hub cache may be, in huggingface_hub's order: HF_HUB_CACHE, HF_HOME/hub,
+    XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return [Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()]
+    if env.get("HF_HOME"):
+        return [Path(env["HF_HOME"]).expanduser() / "hub"]
+    base = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return [base / "huggingface" / "hub"]
+
+
+def hf_cached_config(repo_id: str) -> Path | None:
+    """config.json of a repo in the local hub cache: the snapshot refs/main points at, else the newest one."""
+    for cache in hf_cache_dirs():
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        if ref.is_file():
+            p = repo / "snapshots" / ref.read_text().strip() / "config.json"
+            if p.is_file():
+                return p
+        found = sorted(repo.glob("snapshots/*/config.json"), key=lambda q: q.stat().st_mtime)
+        if found:
+            return found[-1]
+    return None
+
+
 def load_model(name_or_path: str | ModelSpec) -> ModelSpec:
-    """A library name (case-insensitive), a YAML file, a config.json, or a folder holding config.json."""
+    """A library name (case-insensitive), a YAML file, a config.json, a folder holding config.json, or a Hugging
+    Face repo id (org/name) whose config.json is in the local hub cache (nothing is downloaded)."""
     if isinstance(name_or_path, ModelSpec):
         return name_or_path
     lib = _library()
@@ -413,6 +644,16 @@ def load_model(name_or_path: str | ModelSpec) -> ModelSpec:
     p = Path(name_or_path)
     if is_dir(p) and is_file(p / "config.json"):
         p = p / "config.json"
+    repo_id = None
+    if not is_file(p) and _REPO_ID.match(str(name_or_path)):
+        repo_id = str(name_or_path)
+        cached = hf_cached_config(repo_id)
+        if cached is None:
+            where = ", ".join(str(d) for d in hf_cache_dirs())
+            raise PerfmodelError(f"model: {repo_id} has no config.json in the local Hugging Face cache ({where}); "
+                                 f"fetch it first with `huggingface-cli download {repo_id} config.json` (or set "
+                                 "HF_HOME / HF_HUB_CACHE to a cache that has it); perfmodel downloads nothing")
+        p = cached
     if is_file(p):
         where = short(p)
         if p.suffix == ".json":
@@ -422,6 +663,8 @@ def load_model(name_or_path: str | ModelSpec) -> ModelSpec:
                 raise PerfmodelError(f"{where}: malformed JSON: {e.msg} at line {e.lineno}") from None
             except RecursionError:
                 raise PerfmodelError(f"{where}: malformed JSON: nested too deeply") from None
-            return model_from_hf_config(cfg, name=p.parent.name if p.name == "config.json" else p.stem, where=where)
+            name = repo_id or (p.parent.name if p.name == "config.json" else p.stem)
+            return model_from_hf_config(cfg, name=name, where=where)
         return model_from_dict(p.stem, read_yaml_mapping(p), where=where)
-    raise bad_value("model", str(name_or_path), "a file path or one of " + ", ".join(lib))
+    raise bad_value("model", str(name_or_path),
+                    "a file path, a Hugging Face repo id in the local cache, or one of " + ", ".join(lib))
