@@ -111,14 +111,15 @@ def resolve_compute_dtype(precision, hardware, native_formats=()) -> str:
     """The dtype whose tensor-core peak the weight matmuls run at.
 
     An explicit `precision.compute` wins. Otherwise the weights' format runs natively when the framework lists
-    it in `native_formats` and the hardware has a peak for the format's tensor cores (fp8, fp4, int8); every
-    other case is a dequantising GEMM at the activation dtype.
+    it (or its tensor-core dtype: a framework profile's native_compute, e.g. fp8, fp4) in `native_formats` and
+    the hardware has a peak for that tensor-core dtype; every other case (GGUF blocks, AWQ/GPTQ int4, a format
+    the framework or the chip lacks) is a dequantising GEMM at the activation dtype.
     """
     explicit = getattr(precision, "compute", None)
     if explicit:
         return explicit
     w = get_dtype(precision.weights)
     native = {str(f).lower() for f in native_formats}
-    if w.native and w.name in native and w.native in hardware.peak_tflops:
+    if w.native and (w.name in native or w.native in native) and w.native in hardware.peak_tflops:
         return w.native
     return precision.activations

@@ -84,3 +84,31 @@ def test_q4_1_bytes_equal_the_smollm2_gguf_tensors():
             assert tensor_bytes(n, fmt) == int(t.n_bytes), t.name  # rows are whole blocks here
             seen[fmt] += 1
     assert seen == {"q4_1": 210, "q8_0": 1}
+
+
+def test_compute_dtype_rule():
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.dtypes import resolve_compute_dtype
+    from perfmodel.specs import load_hardware
+
+    h100, b200 = load_hardware("h100-sxm"), load_hardware("b200")
+    native = ("bf16", "fp16", "fp8", "fp4")  # a framework profile's native_compute
+    fp8, fp4 = Precision(weights="fp8"), Precision(weights="nvfp4")
+    assert resolve_compute_dtype(fp8, h100, native) == "fp8"  # Hopper fp8 tensor cores
+    assert resolve_compute_dtype(fp8, h100, ("bf16",)) == "bf16"  # the framework dequantises
+    assert resolve_compute_dtype(fp8, load_hardware("a100-80gb"), native) == "bf16"  # no fp8 peak: dequantise
+    assert resolve_compute_dtype(fp4, h100, native) == "bf16"  # no fp4 on Hopper
+    assert resolve_compute_dtype(fp4, b200, native) == "fp4"
+    assert resolve_compute_dtype(Precision(weights="mxfp4"), b200, ("mxfp4",)) == "fp4"  # format names work too
+    for gguf_fmt in ("q4_0", "q4_k", "q8_0", "int4"):  # block/group integer formats: always a dequantising GEMM
+        assert resolve_compute_dtype(Precision(weights=gguf_fmt), b200, native + (gguf_fmt,)) == "bf16"
+    assert resolve_compute_dtype(Precision(weights="nvfp4", compute="fp8"), b200, native) == "fp8"  # explicit wins
+
+
+def test_block_formats_are_not_activation_dtypes():
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.errors import PerfmodelError
+
+    with pytest.raises(PerfmodelError, match="activation dtype"):
+        Precision(activations="q4_k")
+    Precision(weights="q4_k", kv_cache="q8_0")  # fine as weights and as a llama.cpp KV cache type

@@ -319,3 +319,20 @@ def test_sweep_equals_step_by_step_with_mixed_layer_types():
             assert r["e2e_s"][k] == pytest.approx(a.request["e2e_s"], rel=1e-9)
             assert r["tpot_last_s"][k] == pytest.approx(a.request["tpot_last_s"], rel=1e-9)
             assert r["kv_cache_bytes"][k] == a.memory["kv_cache_bytes"]
+
+
+@pytest.mark.parametrize("name", ["gemma-2-9b", "gemma-3-27b", "llama-4-maverick-17b-128e", "gpt-oss-120b", "qwen3-8b",
+                                  "qwen3-30b-a3b", "phi-4"])
+@pytest.mark.parametrize("batch,new,past", [(1, 1, 9000), (2, 300, 0), (1, 17, 8180)])
+def test_fusion_composes_with_layer_types(name, batch, new, past):
+    """Fused mode keeps one attention operator per layer type and moves no FLOP, weight or KV-history byte."""
+    m = load_model(name)
+    tot = lambda ops, f: sum(np.sum(getattr(o, f)) * o.layers for o in ops)  # noqa: E731
+    eager = phase_ops(m, batch, new, past)
+    fused = phase_ops(m, batch, new, past, exec_mode="fused")
+    assert tot(fused, "flops") == tot(eager, "flops")
+    assert tot(fused, "weight_bytes") == pytest.approx(tot(eager, "weight_bytes"), rel=1e-12)
+    assert tot(fused, "kv_write_bytes") == tot(eager, "kv_write_bytes")
+    attn = lambda ops: {o.name: o.layers for o in ops if o.kind == "attention"}  # noqa: E731
+    assert attn(fused) == attn(eager)
+    assert sum(attn(fused).values()) == m.num_layers

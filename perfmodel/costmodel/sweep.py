@@ -1,8 +1,9 @@
 """Vectorised request-level sweep: one numpy evaluation per (model, hardware) over the whole grid.
 
-A decode step's FLOPs and bytes are affine in the context length (piecewise, with one break at a sliding
-window), so each operator's time is max(affine, affine) + overhead and its sum over all decode steps has a
-closed form: the sweep is exact, not sampled, and costs O(operators) per grid point whatever the output length.
+A decode step's FLOPs and bytes are affine in the context length (piecewise, with breaks where a sliding
+window fills and at each chunk boundary of chunked attention), so each operator's time is max(affine, affine) +
+overhead and its sum over all decode steps has a closed form: the sweep is exact, not sampled, and costs
+O(operators) per grid point whatever the output length.
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ def _decode_coefficients(model, hw, p, flash, batch_u, at, exec_mode):
     return c0 - c1 * at, c1, m0 - m1 * at, m1, floor, over, layers
 
 
+def decode_segments(model: ModelSpec, max_past: float) -> list[tuple[float, float]]:
+    """Ranges of past tokens on which a decode step's costs are affine: broken where a sliding window fills
+    (past = W) and at every chunk boundary of chunked layers (past = k*C) up to max_past."""
+    breaks = {0}
+    for t in model.layer_type_counts():
+        window, chunk = model.attention_span(t)
+        if window:
+            breaks.add(window)
+        if chunk:
+            breaks.update(range(chunk, int(max_past) + chunk, chunk))
+    starts = sorted(breaks)
+    return [(lo, hi - 1) for lo, hi in zip(starts, starts[1:])] + [(starts[-1], np.inf)]
+
+
 def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode):
     """Total decode seconds over the steps with past = inp .. inp+out-2, and the first and last step times.
 
@@ -68,8 +83,7 @@ def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode):
     is piecewise quadratic; each grid point is then two lookups: F(inp+out-2) - F(inp-1).
     """
     inv, batch_u = pd.factorize(batch, sort=True)  # hashing: O(n), unlike np.unique's sort
-    W = model.sliding_window
-    segments = [(0, np.inf)] if W is None else [(0, W - 1), (W, np.inf)]
+    segments = decode_segments(model, float(np.max(inp + out)) if len(inp) else 0.0)
     coeffs = [_decode_coefficients(model, hw, p, flash, batch_u, lo, exec_mode) for lo, _ in segments]
     keys, a_all, b_all, f_all = [], [], [], []
     span = 2.0 ** 40  # key = batch index * span + past, exact in float64

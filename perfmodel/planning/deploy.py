@@ -44,7 +44,7 @@ def memory_per_device(dep: Deployment, batch, tokens) -> dict:
     if m.is_moe and par.ep > par.tp:  # experts spread wider than the tensor-parallel group
         expert_share = m.moe_layers * m.num_experts * m.mlp_params(m.moe_intermediate_size)
         from perfmodel.dtypes import bytes_per_element
-        weights -= expert_share * bytes_per_element(p.weights) / shards * (1 - par.tp / par.ep)
+        weights -= expert_share * bytes_per_element(p.expert_dtype(m)) / shards * (1 - par.tp / par.ep)
     kv = kv_cache_bytes(m, tokens, batch, p.kv_cache) / shards
     # activations: the MLP's intermediate for one prefill chunk of up to 2048 tokens, split by tp
     act = np.minimum(np.asarray(tokens), 2048) * max(m.intermediate_size, m.hidden_size) * 3 * p.act_bytes / par.tp
