@@ -55,7 +55,7 @@ def calibrate(
 def validate(
     hardware: str = typer.Option(None, help="calibrated hardware YAML or name (default: the newest "
                                             "hardware/local-*.yaml)"),
-    grid: str = typer.Option("quick", help="tiny | quick | standard"),
+    grid: str = typer.Option("default", help="default (deployment-like, >= 40 points) | numpy | tiny"),
     backend: str = typer.Option(None, help="only cases of this backend"),
     repeats: int = typer.Option(3, help="timed repeats per point (after one warm-up)"),
     measurements: Path = typer.Option(None, help="validate measurements of another engine instead (CSV, "
@@ -86,26 +86,28 @@ def validate(
     from rich.progress import Progress
 
     from perfmodel.validation import plots
-    from perfmodel.validation.validate import GRIDS, error_summary, run_case
+    from perfmodel.validation.validate import GRIDS, Runner, error_summary
 
     if grid not in GRIDS:
         raise bad_value("--grid", grid, "|".join(GRIDS))
     if repeats < 1:
         raise bad_value("--repeats", repeats, "an integer >= 1")
-    hw = load_hardware(hardware) if hardware else _newest_local()
-    cases = [c for c in GRIDS[grid] if backend is None or c.backend == backend]
     if backend is not None and backend not in ("numpy", "torch"):
         raise bad_value("--backend", backend, "numpy|torch")
-    op_rows, phase_rows, mismatches = [], [], []
-    loaded: dict = {}
+    hw = load_hardware(hardware) if hardware else _newest_local()
+    cases = [c for c in GRIDS[grid] if backend is None or c.backend == backend]
+    if not _has_torch():
+        cases = [c for c in cases if c.backend != "torch"]
+    n_points = sum(len(c.points()) for c in cases)
+    runner = Runner(cases, hw)
     with Progress(transient=True, disable=format != "table") as prog:
-        task = prog.add_task("validating", total=sum(1 + len(c.decode_contexts) for c in cases))
-        for case in cases:
-            prog.update(task, description=f"validating {case.label}")
-            r = run_case(case, hw, repeats, loaded, progress=lambda: prog.advance(task))
-            op_rows += r.op_rows
-            phase_rows += r.phase_rows
-            mismatches += r.mismatches
+        task = prog.add_task("validating", total=n_points * (1 + repeats + min(repeats, 2)))
+        results = runner.measure(repeats, min(repeats, 2),
+                                 progress=lambda s: (prog.update(task, description=f"validating: {s}"),
+                                                     prog.advance(task)))
+    op_rows = [r for res in results for r in res.op_rows]
+    phase_rows = [r for res in results for r in res.phase_rows]
+    mismatches = [m for res in results for m in res.mismatches]
     import pandas as pd
 
     out = out_dir or Path("reports") / f"validation-{hw.name}"
@@ -116,13 +118,19 @@ def validate(
     by_phase = error_summary(phase_rows, "phase")
     by_kind = error_summary(op_rows, "kind")
     by_op = error_summary(op_rows, "op")
+    by_exec = error_summary([{**r, "exec_phase": f"{r['backend']}/{r['exec']} {r['phase']}"} for r in phase_rows],
+                            "exec_phase")
+    terms = _overhead_terms(phase_rows)
     title = f"cost model vs reference engine on {hw.name} ({grid} grid)"
     plots.scatter(op_rows, phase_rows, out / "predicted_vs_measured.png", title)
-    plots.error_by_operator(by_op, out / "error_by_operator.png", "time error by operator")
-    plots.roofline(hw.for_engine(cases[0].backend), op_rows, out / "roofline_measured.png",
-                   f"engine operators on {hw.name}: measured vs predicted")
-    result = {"hardware": hw.name, "grid": grid, "cases": len(cases), "count_mismatches": mismatches,
-              "phase_error": by_phase, "kind_error": by_kind, "operator_error": by_op, "report": str(out)}
+    if op_rows:
+        plots.error_by_operator(by_op, out / "error_by_operator.png", "time error by operator")
+        first = next(c for c in cases if c.compiled is None)
+        plots.roofline(hw.for_engine(first.backend), op_rows, out / "roofline_measured.png",
+                       f"engine operators on {hw.name}: measured vs predicted")
+    result = {"hardware": hw.name, "grid": grid, "cases": len(cases), "points": n_points,
+              "count_mismatches": mismatches, "phase_error": by_phase, "exec_error": by_exec,
+              "kind_error": by_kind, "operator_error": by_op, "overhead_terms": terms, "report": str(out)}
     if format == "json":
         emit("json", result)
     elif format == "csv":
@@ -130,12 +138,20 @@ def validate(
     else:
         pct = lambda v: f"{v:.1f} %"  # noqa: E731
         cols = lambda k: {k: (k, str), "n": ("n", str), "median_ape_pct": ("median |err|", pct),  # noqa: E731
-                          "p90_ape_pct": ("p90", pct), "max_ape_pct": ("max", pct)}
+                          "p90_ape_pct": ("p90", pct), "max_ape_pct": ("max", pct), "bias_pct": ("bias", pct),
+                          **({"noise_pct": ("noise", pct)} if k != "kind" else {})}
         print_table(phase_rows, title=title, columns={
             "case": ("case", str), "phase": ("phase", str), "context": ("context", str),
-            "measured_s": ("measured", seconds), "predicted_s": ("predicted", seconds)})
-        print_table(by_phase, title="time error per phase", columns=cols("phase"))
-        print_table(by_kind, title="time error per operator kind", columns=cols("kind"))
+            "measured_s": ("measured", seconds), "predicted_s": ("predicted", seconds),
+            "noise_pct": ("noise", lambda v: f"{v:.1f} %")})
+        print_table(by_phase, title="time error per phase (noise: median relative spread of the repeats)",
+                    columns=cols("phase"))
+        print_table(by_exec, title="per backend, execution mode and phase", columns=cols("exec_phase"))
+        if by_kind:
+            print_table(by_kind, title="operator time error per kind", columns=cols("kind"))
+        print_table(terms, title="what each term explains (share of the measured phase time, median over points)",
+                    columns={k: (k, (lambda v: f"{v:.1f} %") if k != "phase" else str) for k in terms[0]}
+                    if terms else None)
         c = console()
         if mismatches:
             c.print(f"[red]{len(mismatches)} count mismatches[/red] (FLOPs/bytes must be equal exactly):")
@@ -148,6 +164,34 @@ def validate(
                 f"roofline_measured.png)")
     if mismatches:
         raise typer.Exit(1)
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _overhead_terms(phase_rows: list[dict]) -> list[dict]:
+    """Per phase, the median share of the measured wall time that each named term takes: measured (the
+    traced operators, the glue between them, the tracer's own cost) and predicted (roofline, per-operator
+    dispatch, host glue or graph launch)."""
+    import statistics
+
+    out = []
+    for phase in ("prefill", "decode"):
+        rs = [r for r in phase_rows if r["phase"] == phase and r["measured_s"] > 0]
+        if not rs:
+            continue
+        share = lambda k: statistics.median(r[k] / r["measured_s"] * 100 for r in rs if k in r)  # noqa: E731
+        row = {"phase": phase}
+        for k, label in (("measured_ops_s", "measured operators"), ("measured_glue_s", "measured glue"),
+                         ("tracer_s", "tracer cost"), ("pred_roofline_s", "predicted roofline"),
+                         ("pred_dispatch_s", "predicted dispatch"), ("pred_glue_s", "predicted glue/launch")):
+            if any(k in r for r in rs):
+                row[label] = share(k)
+        out.append(row)
+    return out
 
 
 def _newest_local():

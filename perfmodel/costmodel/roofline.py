@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfmodel.costmodel.execution import launches_per_op
+from perfmodel.costmodel.hierarchy import memory_seconds, weight_footprint
 from perfmodel.costmodel.operators import Op, Precision
 from perfmodel.specs.hardware import HardwareSpec
 
@@ -42,7 +43,10 @@ def compute_roof(hw: HardwareSpec, kind: str, precision: Precision) -> float:
     return hw.vector_tflops * 1e12
 
 
-def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "eager") -> OpTiming:
+def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "eager",
+              footprint=None) -> OpTiming:
+    """footprint: the forward pass's weight bytes (the reuse distance of weights and KV reads; None: they
+    come from main memory)."""
     eff = hw.efficiency
     if op.kind == "host":
         return OpTiming(op, np.zeros(()), np.zeros(()), float(op.host_s))
@@ -58,7 +62,7 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
         b = np.asarray(op.bytes, dtype=np.float64)
         m_eff = m_eff * b / (b + eff.matmul_half_bytes)
     compute_s = np.asarray(op.flops, dtype=np.float64) / (compute_roof(hw, op.kind, precision) * c_eff)
-    memory_s = np.asarray(op.bytes, dtype=np.float64) / (hw.memory_bandwidth * m_eff)
+    memory_s = memory_seconds(op, hw, m_eff, footprint)
     if not launches_per_op(exec_mode):  # replayed from a graph: no host cost per operator, a minimum duration
         return OpTiming(op, compute_s, memory_s, 0.0, hw.kernel_min_us * 1e-6)
     per_call = eff.op_overhead_map_us.get(op.name, eff.kind_overhead_us.get(op.kind, eff.op_overhead_us))
@@ -68,22 +72,24 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
 
 def host_op(ops: list[Op], hw: HardwareSpec, exec_mode: str) -> Op:
     """The forward pass's host cost outside its operators, as a pseudo-operator of kind "host" (no FLOPs, no
-    bytes; host_s seconds): in eager mode the glue between operators (per step and per layer), in graph and
-    fused modes one graph launch."""
+    bytes; host_s seconds): the glue between operators (per step and per layer: efficiency.step_overhead_us,
+    layer_overhead_us), plus in graph and fused modes the graph launch."""
     eff = hw.efficiency
-    if launches_per_op(exec_mode):
-        layers = max((o.layers for o in ops if o.group == "layer"), default=0)
-        us, name = eff.step_overhead_us + layers * eff.layer_overhead_us, "host_glue"
-    else:
-        us = hw.launch_overhead_us if hw.graph_launch_us is None else hw.graph_launch_us
+    layers = max((o.layers for o in ops if o.group == "layer"), default=0)
+    us = eff.step_overhead_us + layers * eff.layer_overhead_us
+    name = "host_glue"
+    if not launches_per_op(exec_mode):
+        us += hw.launch_overhead_us if hw.graph_launch_us is None else hw.graph_launch_us
         name = "graph_launch"
     return Op(name, "host", 1, 0, group="host", host_s=us * 1e-6)
 
 
 def op_timings(ops: list[Op], hw: HardwareSpec, precision: Precision, exec_mode: str = "eager",
                host: bool = True) -> list[OpTiming]:
-    """Every operator's timing, plus (host=True) the forward's host pseudo-operator."""
-    out = [op_timing(op, hw, precision, exec_mode) for op in ops]
+    """Every operator's timing (bytes from the memory level their reuse distance reaches), plus (host=True)
+    the forward's host pseudo-operator."""
+    footprint = weight_footprint(ops) if hw.memory_levels else None
+    out = [op_timing(op, hw, precision, exec_mode, footprint) for op in ops]
     if host:
         out.append(op_timing(host_op(ops, hw, exec_mode), hw, precision, exec_mode))
     return out

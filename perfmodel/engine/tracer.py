@@ -40,6 +40,8 @@ class Tracer:
     experts_touched: list[int] = field(default_factory=list)
 
     def start(self) -> float:
+        if not self.enabled:  # nothing to time (and nothing torch.compile must trace through)
+            return 0.0
         if self.timed and self.sync:
             self.sync()
         return time.perf_counter()

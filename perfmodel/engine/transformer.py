@@ -127,9 +127,17 @@ class Transformer:
                                             for lw in weights.layers],
                           weights.final_norm, weights.final_norm_b, weights.lm_head, weights.pos_emb)
         self.w = weights.map(backend.asarray)
-        if self.w.lm_head is None and backend.name == "numpy":
-            # a contiguous [hidden, vocab] copy: BLAS streams it ~25 % faster than the embedding's transposed view
-            self.w.lm_head = np.ascontiguousarray(self.w.tok_emb.T)
+        if backend.name == "numpy":
+            # decode is one row times each weight: OpenBLAS streams a tall [in > out] weight faster stored
+            # [out, in] (dot products of contiguous rows), a wide one faster as is; same values, same bytes
+            for lw in self.w.layers:
+                for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                    w = getattr(lw, name)
+                    if w is not None and w.shape[0] > w.shape[1]:
+                        setattr(lw, name, np.ascontiguousarray(w.T).T)
+            if self.w.lm_head is None:
+                # a contiguous [hidden, vocab] copy: BLAS streams it faster than the embedding's transposed view
+                self.w.lm_head = np.ascontiguousarray(self.w.tok_emb.T)
         self.fw = [self._fuse_layer(lw) for lw in self.w.layers] if self.fused else None
         self.tr = tracer or Tracer(enabled=False)
         self.tr.sync = backend.sync
@@ -201,19 +209,8 @@ class Transformer:
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = False, pad: np.ndarray | None = None):
         """ids [batch, new tokens] after cache.length cached ones; returns logits [batch, T', vocab] where T' is
         1 (the last position) unless all_logits. pad: left-padding per sequence, masked out of attention."""
-        be, s = self.be, self.spec
-        B, T = ids.shape
-        P = cache.length
-        if P + T > cache.max_tokens:
-            raise PerfmodelError(f"context: {P + T} tokens exceed the cache's {cache.max_tokens}")
-        if P + T > s.max_position:
-            raise PerfmodelError(f"context: {P + T} tokens exceed {s.name}'s max_position {s.max_position}")
-        pad = np.zeros(B, dtype=np.int64) if pad is None else np.asarray(pad, dtype=np.int64)
-        pos = np.maximum(P + np.arange(T)[None, :] - pad[:, None], 0)  # [B, T] positions per sequence
-        x = self._embed(ids, pos)
-        mask = self._mask(B, T, P, pad)
-        if s.positions == "rope":  # gathered once per forward; every layer's rope still reads them
-            self._rope_tables = (be.asarray(self._cos[pos])[:, None, :, :], be.asarray(self._sin[pos])[:, None, :, :])
+        x, pos, mask, P = self._prologue(ids, cache, pad)
+        T = ids.shape[1]
         layers = self.w.layers
         if self.fused:  # later norms take the residual add before them along (add_norm)
             h = self._norm("attn_norm", 0, x, layers[0].attn_norm, layers[0].attn_norm_b)
@@ -235,10 +232,30 @@ class Transformer:
         if hasattr(cache, "after_forward"):  # compress what left the dense window (prefill attention stayed dense)
             cache.advance_queries(T)
             cache.after_forward()
+        return self._epilogue(x, all_logits)
+
+    def _prologue(self, ids, cache, pad=None):
+        """Checks, positions, the embedded tokens, the attention mask and the rope tables of one forward."""
+        be, s = self.be, self.spec
+        B, T = ids.shape
+        P = cache.length
+        if P + T > cache.max_tokens:
+            raise PerfmodelError(f"context: {P + T} tokens exceed the cache's {cache.max_tokens}")
+        if P + T > s.max_position:
+            raise PerfmodelError(f"context: {P + T} tokens exceed {s.name}'s max_position {s.max_position}")
+        pad = np.zeros(B, dtype=np.int64) if pad is None else np.asarray(pad, dtype=np.int64)
+        pos = np.maximum(P + np.arange(T)[None, :] - pad[:, None], 0)  # [B, T] positions per sequence
+        x = self._embed(ids, pos)
+        mask = self._mask(B, T, P, pad)
+        if s.positions == "rope":  # gathered once per forward; every layer's rope still reads them
+            self._rope_tables = (be.asarray(self._cos[pos])[:, None, :, :], be.asarray(self._sin[pos])[:, None, :, :])
+        return x, pos, mask, P
+
+    def _epilogue(self, x, all_logits: bool):
         if not all_logits:
             x = x[:, -1:, :]
         x = self._norm("final_norm", -1, x, self.w.final_norm, self.w.final_norm_b)
-        head = self.w.lm_head if self.w.lm_head is not None else be.swap_last(self.w.tok_emb)
+        head = self.w.lm_head if self.w.lm_head is not None else self.be.swap_last(self.w.tok_emb)
         return self._linear("lm_head", -1, x, head)
 
     def _embed(self, ids, pos):
@@ -455,8 +472,8 @@ class Transformer:
             f, act = w.shape[-1], "gelu"
             out = be.gelu(y)
             name = name or f"{prefix}up_act_proj"
-        rows = numel(h) // h.shape[-1]
         if tr.enabled:
+            rows = numel(h) // h.shape[-1]
             tr.record(t0, name, "matmul", i, 2 * rows * h.shape[-1] * w.shape[-1] + (rows * f if b is not None else 0)
                       + FLOPS_PER_ELEMENT[act] * rows * f, weight_bytes=self._nb(w, b), act_read_bytes=self._nb(h),
                       act_write_bytes=self._nb(out))

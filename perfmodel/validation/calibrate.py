@@ -3,10 +3,18 @@
 What is measured, and how it enters the model (a few interpretable numbers, no black box):
 - matmul FLOP/s per dtype over square and skinny shapes -> peak_tflops (the best achieved) and
   matmul_half_dim h, the smallest-dimension scale at which a matmul reaches half its peak: eff = d / (d + h);
-- streaming read bandwidth (a large sum, perfmodel.engine.membw) -> memory bandwidth; an elementwise add's bandwidth -> the
-  elementwise_memory fraction;
+- the all-threads read bandwidth over a sweep from 256 kB to 1 GB (perfmodel.engine.membw) -> one level per
+  cache (memory.levels: L2, L3 with their capacity from /sys) and main memory's bandwidth; an elementwise add's
+  bandwidth -> the elementwise_memory fraction;
 - the engine's own softmax on cache-resident data -> vector_tflops (elementwise FLOP rate);
-- each engine backend's operators on tiny tensors -> kind_overhead_us, the dispatch cost per operator kind;
+- each engine backend's operators on tiny tensors, in both operator structures -> op_overhead_map_us, the
+  dispatch cost of each operator; the same forwards without the tracer -> the glue between operators
+  (step_overhead_us + layer_overhead_us per layer) and the tracer's own cost (provenance);
+- the compiled forwards (torch.compile: graph and fused) of tiny models -> their per-step and per-layer
+  launch cost (engines["torch:graph"], engines["torch:fused"]);
+- per operator kind, a compute and a memory efficiency multiplier fitted on the engine's own operators over
+  calibration cases at full depth (weights streaming from DRAM, as in deployments) whose widths, batches and
+  contexts the validation grid does not use;
 - cache sizes from /sys, memory capacity from /proc/meminfo.
 On an NVIDIA GPU, pynvml names the device, the matching datasheet YAML is the roof, and the matmul and
 bandwidth measurements run on the GPU through PyTorch.
@@ -89,88 +97,173 @@ def vector_tflops(backend: str) -> float:
     return 5 * s.shape[0] * s.shape[1] / t / 1e12
 
 
-def dispatch_overheads(backend: str, dtype: str = "fp32") -> tuple[dict, dict]:
-    """Median time of each engine operator on tiny tensors (tiny models of every engine family): the fixed
-    cost of one call, per operator name and per operator kind."""
+def _tiny_specs():
+    from perfmodel.specs.model import ModelSpec
+
+    tiny = dict(hidden_size=16, num_heads=2, intermediate_size=16, vocab_size=32, max_position=64)
+    return [ModelSpec(name="tiny", family="llama", num_kv_heads=1, num_layers=4, **tiny),
+            ModelSpec(name="tiny-gpt2", family="gpt2", num_kv_heads=2, num_layers=4, **tiny),
+            ModelSpec(name="tiny-moe", family="mixtral", num_kv_heads=1, num_experts=4, experts_per_token=2,
+                      num_layers=4, **tiny)]
+
+
+def dispatch_overheads(backend: str, dtype: str = "fp32") -> tuple[dict, dict, dict]:
+    """Median time of each engine operator on tiny tensors (tiny models of every engine family, both operator
+    structures, with and without FlashAttention on torch): the fixed cost of one call, per operator name and
+    per operator kind. Also the host terms of a forward: glue (untraced wall minus the traced operators' sum,
+    fitted as per step + per layer over two depths) and the tracer's own cost per recorded operator."""
     from perfmodel.engine.backend import make_backend
     from perfmodel.engine.tracer import Tracer
     from perfmodel.engine.transformer import KVCache, Transformer
     from perfmodel.engine.weights import random_weights
-    from perfmodel.specs.model import ModelSpec
 
-    tiny = dict(hidden_size=16, num_layers=4, num_heads=2, intermediate_size=16, vocab_size=32, max_position=64)
-    specs = [ModelSpec(name="tiny", family="llama", num_kv_heads=1, **tiny),
-             ModelSpec(name="tiny-gpt2", family="gpt2", num_kv_heads=2, **tiny),
-             ModelSpec(name="tiny-moe", family="mixtral", num_kv_heads=1, num_experts=4, experts_per_token=2,
-                       **tiny)]
     by_name: dict = {}
     by_kind: dict = {}
-    for spec in specs:
-        tr = Tracer(enabled=True)
-        m = Transformer(spec, random_weights(spec), make_backend(backend, dtype), tracer=tr)
-        ids = np.ones((1, 1), dtype=np.int64)
-        for _ in range(3):
-            cache = KVCache(m.be, spec, 1, 40)
-            tr.clear()
-            for _ in range(30):
-                m.forward(ids, cache)
-        for r in tr.records:
-            by_name.setdefault(r.name, []).append(r.time_s)
-            by_kind.setdefault(r.kind, []).append(r.time_s)
+    glue_rows, tracer_per_op = [], []
+    flashes = (False, True) if backend == "torch" else (False,)
+    for spec in _tiny_specs():
+        for structure in ("eager", "fused"):
+            for flash in flashes:
+                for layers in (2, 8):
+                    sp = spec.replace(num_layers=layers)
+                    tr = Tracer(enabled=True)
+                    m = Transformer(sp, random_weights(sp), make_backend(backend, dtype), flash=flash, tracer=tr,
+                                    structure=structure)
+                    ids = np.ones((1, 1), dtype=np.int64)
+                    walls, traced, sums, n_ops = [], [], [], 0
+                    for _ in range(3):
+                        cache = KVCache(m.be, sp, 1, 40)
+                        for _ in range(30):
+                            tr.enabled = False
+                            t0 = time.perf_counter()
+                            m.forward(ids, cache)
+                            walls.append(time.perf_counter() - t0)
+                            cache.length -= 1
+                            tr.enabled = True
+                            n0 = len(tr.records)
+                            t0 = time.perf_counter()
+                            m.forward(ids, cache)
+                            traced.append(time.perf_counter() - t0)
+                            new = tr.records[n0:]
+                            sums.append(sum(r.time_s for r in new))
+                            n_ops = len(new)
+                            if layers == 8:
+                                for r in new:
+                                    by_name.setdefault(r.name, []).append(r.time_s)
+                                    by_kind.setdefault(r.kind, []).append(r.time_s)
+                        tr.clear()
+                    wall, ops = statistics.median(walls), statistics.median(sums)
+                    glue_rows.append((layers, wall - ops))
+                    tracer_per_op.append((statistics.median(traced) - wall) / max(n_ops, 1))
     med = lambda v: round(statistics.median(v) * 1e6, 2)  # noqa: E731
-    return {k: med(v) for k, v in sorted(by_name.items())}, {k: med(v) for k, v in sorted(by_kind.items())}
+    # glue = step + layers * layer, least squares over the two depths of every variant
+    L = np.array([r[0] for r in glue_rows], dtype=float)
+    g = np.array([r[1] for r in glue_rows]) * 1e6
+    A = np.stack([np.ones_like(L), L], axis=1)
+    step, per_layer = np.linalg.lstsq(A, g, rcond=None)[0]
+    host = {"step_overhead_us": round(max(float(step), 0.0), 2), "layer_overhead_us": round(max(float(per_layer), 0.0), 2),
+            "tracer_us_per_op": round(statistics.median(tracer_per_op) * 1e6, 2)}
+    return ({k: med(v) for k, v in sorted(by_name.items())}, {k: med(v) for k, v in sorted(by_kind.items())}, host)
 
 
-CALIBRATION_CASES = [  # (model shape, layers, batch, prompt, decode contexts); random weights, and batch /
-    # prompt / context points the validation grids do not use; three widths so matrix sizes span 0.4-400 MB
-    ("smollm2-135m", 4, 1, 48, (96, 768)), ("smollm2-360m", 4, 2, 192, (400,)), ("smollm2-1.7b", 2, 1, 96, (700,)),
-    ("gpt2", 4, 3, 80, (300,))]
+def compiled_overheads(progress=None) -> dict:
+    """Per-step and per-layer host cost of the engine's compiled forwards (torch.compile graph / fused) on a
+    tiny dense model at two depths, where the operators' own work is negligible."""
+    from perfmodel.engine.backend import make_backend
+    from perfmodel.engine.compiled import compiled_forward
+    from perfmodel.engine.transformer import KVCache, Transformer
+    from perfmodel.engine.weights import random_weights
+
+    import torch
+
+    out = {}
+    spec = _tiny_specs()[0]
+    for mode, structure in (("graph", "eager"), ("fused", "fused")):
+        walls = {}
+        for layers in (2, 6):
+            sp = spec.replace(num_layers=layers)
+            m = Transformer(sp, random_weights(sp), make_backend("torch"), flash=True, structure=structure)
+            fwd = compiled_forward(m, mode)
+            cache = KVCache(m.be, sp, 1, 60)
+            ids = np.ones((1, 1), dtype=np.int64)
+            ts = []
+            with torch.inference_mode():
+                for i in range(50):
+                    cache.length = 20 + i % 10
+                    t0 = time.perf_counter()
+                    fwd(ids, cache)
+                    ts.append(time.perf_counter() - t0)
+            walls[layers] = statistics.median(ts[10:])
+            if progress:
+                progress(f"torch {mode} compiled overheads ({layers} layers)")
+        per_layer = (walls[6] - walls[2]) / 4
+        out[mode] = {"layer_overhead_us": round(max(per_layer, 0.0) * 1e6, 2),
+                     "step_overhead_us": round(max(walls[2] - 2 * per_layer, 0.0) * 1e6, 2)}
+    return out
 
 
-def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=None) -> dict:
-    """Fit per operator kind a compute and a memory efficiency multiplier (and, for matmuls, the half-bandwidth
-    size), from the engine's own operators on CALIBRATION_CASES; per-call overheads are measured beforehand."""
+def _calibration_cases(backend: str, dtype: str = "fp32"):
+    """Full-depth-like cases whose weights stream from DRAM, at widths (1024, 2048), batches (2, 3, 8) and
+    contexts the validation grid does not use; random weights."""
+    from perfmodel.validation.validate import Case
+
+    flash = backend == "torch"
+    return [Case("gpt2-medium", 8, backend, dtype, 2, 96, (97, 700), flash),
+            Case("gpt2-medium", 8, backend, dtype, 8, 24, (300,), flash),
+            Case("smollm2-1.7b", 2, backend, dtype, 3, 40, (41, 1500), flash),
+            Case("smollm2-1.7b", 2, backend, dtype, 1, 200, (), flash, exec="fused-eager"),
+            Case("gpt2-medium", 8, backend, dtype, 1, 0, (161, 1000), flash, exec="fused-eager")]
+
+
+def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=None, loaded: dict | None = None) -> dict:
+    """Fit per operator kind a compute and a memory efficiency multiplier (and, for matmuls, the transfer size
+    at which streaming reaches half speed) from the engine's own operators on the calibration cases, with the
+    cache-aware roofline and the measured per-call overheads (which are not fitted)."""
     import dataclasses
 
-    from perfmodel.costmodel.operators import Precision
+    from perfmodel.costmodel.operators import Precision, phase_ops
+    from perfmodel.costmodel.roofline import op_timings
     from perfmodel.specs.hardware import hardware_from_dict
-    from perfmodel.validation.validate import Case, run_case
+    from perfmodel.validation.validate import Runner
 
     hw = hardware_from_dict(hw_dict, "calibration").for_engine(backend)
-    # measure with neutral multipliers, then fit them
-    hw = dataclasses.replace(hw, efficiency=dataclasses.replace(hw.efficiency, kind_compute={}, kind_memory={}))
-    rows = []
-    loaded: dict = {}
-    for model, layers, b, p, ctxs in CALIBRATION_CASES:
-        case = Case(model, layers, backend, dtype, b, p, ctxs)
-        rows += run_case(case, hw, repeats=2, loaded=loaded).op_rows
-        if progress:
-            progress(f"{backend} engine b{b} p{p}")
-    fitted: dict = {"kind_compute": {}, "kind_memory": {}}
-    from perfmodel.costmodel.roofline import compute_roof
-
+    neutral = dataclasses.replace(hw, efficiency=dataclasses.replace(hw.efficiency, kind_compute={},
+                                                                     kind_memory={}, matmul_half_bytes=0.0))
+    cases = _calibration_cases(backend, dtype)
+    runner = Runner(cases, neutral, loaded)
+    results = runner.measure(repeats=2, traced_repeats=2, progress=lambda s: progress and progress(
+        f"{backend} calibration cases: {s}"))
     prec = Precision(dtype, dtype, dtype)
-    eff = hw.efficiency
+    rows = []
+    for res in results:
+        case = res.case
+        spec = runner._engine(case).spec
+        for r in res.op_rows:
+            if r["measured_s"] > 0:
+                rows.append(r)
+        # the components of each row's prediction at unit multipliers, for the grid fit below
+        for point in case.points():
+            phase, new, past = point
+            ops = phase_ops(spec, case.batch, new, past, prec, case.flash, include_sampling=False, phase=phase,
+                            exec_mode=case.structure)
+            for t in op_timings(ops, neutral, prec, case.timing_mode, host=False):
+                for r in res.op_rows:
+                    if r["op"] == t.op.name and r["phase"] == phase and r["context"] == past + new:
+                        r.update(c1=float(t.compute_s) * t.op.layers, m1=float(t.memory_s) * t.op.layers,
+                                 o1=float(t.overhead_s) * t.op.layers, b1=float(np.asarray(t.op.bytes)))
+    fitted: dict = {"kind_compute": {}, "kind_memory": {}}
     grid = np.geomspace(0.05, 3.0, 64)
     for kind in sorted({r["kind"] for r in rows}):
-        rs = [r for r in rows if r["kind"] == kind and r["measured_s"] > 0]
+        rs = [r for r in rows if r["kind"] == kind and "c1" in r]
         meas = np.array([r["measured_s"] for r in rs])
-        flops = np.array([r["flops"] for r in rs], dtype=np.float64)
-        nbytes = np.array([r["bytes"] for r in rs], dtype=np.float64)
-        layers = np.array([r.get("layers", 1) for r in rs], dtype=np.float64)
-        shape = np.array([r.get("shape_eff", 1.0) for r in rs])
-        # per-call overheads are measured, not fitted: only the two efficiency multipliers move
-        over = np.array([eff.op_overhead_map_us.get(r["op"], eff.kind_overhead_us.get(kind, eff.op_overhead_us))
-                         for r in rs]) * 1e-6 * layers
-        peak = compute_roof(hw, kind, prec) * eff.compute
-        bw = hw.memory_bandwidth * (eff.elementwise_memory if kind in ("elementwise", "memory")
-                                    and eff.elementwise_memory else eff.memory)
-        c = flops[None, :] / (peak * shape[None, :] * grid[:, None])  # [grid, rows]
+        c1, m1, o1 = (np.array([r[k] for r in rs]) for k in ("c1", "m1", "o1"))
+        nbytes = np.array([r["b1"] for r in rs])
         halves = np.concatenate([[0.0], np.geomspace(1e4, 1e8, 33)]) if kind == "matmul" else np.zeros(1)
         best = (np.inf, 0, 0, 0.0)
         for half in halves:
-            m = nbytes[None, :] * (1 + half / nbytes[None, :]) / (bw * grid[:, None])
-            pred = np.maximum(c[:, None, :], m[None, :, :]) + over[None, None, :]
+            c = c1[None, :] / grid[:, None]
+            m = m1[None, :] * (1 + half / nbytes[None, :]) / grid[:, None]
+            pred = np.maximum(c[:, None, :], m[None, :, :]) + o1[None, None, :]
             err = (np.log(pred / meas[None, None, :]) ** 2).sum(axis=-1)
             i, j = np.unravel_index(np.argmin(err), err.shape)
             if err[i, j] < best[0]:
@@ -180,6 +273,18 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
         if kind == "matmul":
             fitted["matmul_half_bytes"] = round(float(best[3]), 0)
     return fitted
+
+
+def cache_capacities() -> dict[str, int]:
+    """Bytes of each cache level for all cores together (private levels times the core count)."""
+    sizes = cache_sizes()
+    cores = os.cpu_count() or 1
+    out = {}
+    for name in ("L2", "L3"):
+        mb = _mb(sizes.get(name))
+        if mb:
+            out[name] = int(mb * 2**20 * (cores if name == "L2" else 1))
+    return out
 
 
 def cache_sizes() -> dict:
@@ -268,11 +373,15 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
             backends = tuple(b for b in backends if b != "torch")
     gpu = nvidia_gpu()
     step = progress or (lambda *a: None)
-    from perfmodel.engine.membw import bandwidths
+    from perfmodel.engine.membw import bandwidths, levels_from_sweep, read_sweep
 
+    step("bandwidth sweep (256 kB .. 1 GB, all threads)")
+    sweep = read_sweep()
+    levels, dram_gbps = levels_from_sweep(sweep, cache_capacities())
     bw = bandwidths()
-    step("bandwidth")
+    bw["read_gbps"] = dram_gbps
     engines: dict = {}
+    tracer_cost: dict = {}
     all_points = []
     for backend in backends:
         dtypes = ["fp32"] + (["bf16"] if backend == "torch" else [])
@@ -285,12 +394,15 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                             peaks["fp32"] * 1e12, bw["read_gbps"] * 1e9)
         vec = vector_tflops(backend)
         step(f"{backend} vector")
-        per_op, per_kind = dispatch_overheads(backend)
-        step(f"{backend} overheads")
+        step(f"{backend} dispatch and glue")
+        per_op, per_kind, host_terms = dispatch_overheads(backend)
         engines[backend] = {"peak_tflops": {k: round(v, 5) for k, v in peaks.items()},
                             "vector_tflops": round(vec, 6),
                             "efficiency": {"matmul_half_dim": round(half, 1), "kind_overhead_us": per_kind,
-                                           "op_overhead_map_us": per_op}}
+                                           "op_overhead_map_us": per_op,
+                                           "step_overhead_us": host_terms["step_overhead_us"],
+                                           "layer_overhead_us": host_terms["layer_overhead_us"]}}
+        tracer_cost[backend] = host_terms["tracer_us_per_op"]
     host = name or socket.gethostname().split(".")[0].lower() or "machine"
     best = {}
     for prof in engines.values():
@@ -301,7 +413,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
         "name": f"local-{host}", "description": f"{cpu_model()}, {os.cpu_count()} threads (measured)",
         "kind": "cpu", "peak_tflops": best, "vector_tflops": first["vector_tflops"],
         "memory": {"capacity_gb": memory_capacity_gb(), "bandwidth_gbps": round(bw["read_gbps"], 2),
-                   "type": "host DRAM"},
+                   "type": "host DRAM", "levels": levels},
         "onchip_cache_mb": _mb(cache_sizes().get("L3")), "interconnect": None, "launch_overhead_us": 0.0,
         "efficiency": {"compute": 1.0, "memory": 1.0, "matmul_half_dim": first["efficiency"]["matmul_half_dim"],
                        "elementwise_memory": round(min(1.0, bw["elementwise_gbps"] / bw["read_gbps"]), 3),
@@ -315,16 +427,29 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                        "threads": os.cpu_count(), "numpy": np.__version__, "torch": _torch_version(),
                        "python": platform.python_version(), "caches": cache_sizes(),
                        "elementwise_gbps": round(bw["elementwise_gbps"], 2), "gpu": gpu,
+                       "read_sweep_gbps": {f"{p['bytes'] // 1024} kB": round(p["gbps"], 1) for p in sweep},
+                       "read_sweep_how": f"{sweep[0]['how']}, {sweep[0]['threads']} threads",
+                       "tracer_us_per_op": tracer_cost,
                        "matmul_points": [{k: (round(v, 9) if isinstance(v, float) else v) for k, v in p.items()}
                                          for p in all_points]},
     }
     if gpu:
         d = _gpu_yaml(d, gpu, progress=step)
-    elif fit_engine:
-        for backend in backends:
-            fitted = engine_profile(backend, d, progress=step)
-            d["engines"][backend]["efficiency"].update(fitted)
-        d["efficiency"].update(d["engines"][backends[0]]["efficiency"])
+    else:
+        if "torch" in backends:
+            for mode, terms in compiled_overheads(progress=step).items():
+                base = d["engines"]["torch"]
+                d["engines"][f"torch:{mode}"] = {"peak_tflops": dict(base["peak_tflops"]),
+                                                 "vector_tflops": base["vector_tflops"],
+                                                 "efficiency": {**base["efficiency"], **terms}}
+        if fit_engine:
+            loaded: dict = {}
+            for backend in backends:
+                fitted = engine_profile(backend, d, progress=step, loaded=loaded)
+                for key, prof in d["engines"].items():
+                    if key.split(":")[0] == backend:
+                        prof["efficiency"].update(fitted)
+            d["efficiency"].update(d["engines"][backends[0]]["efficiency"])
     path = out_dir / f"{d['name']}.yaml"
     atomic_write(path, lambda p: p.write_text("# Written by `perfmodel calibrate`; re-run it to refresh.\n"
                                               + yaml.safe_dump(_plain(d), sort_keys=False, width=120)))

@@ -1,8 +1,15 @@
 """`perfmodel validate`: run the reference engine over a grid and hold the cost model against it.
 
 Counts (FLOPs, bytes, KV bytes per operator, phase and step) must be equal exactly; any difference is a failure
-naming the operator. Times are compared as predicted vs measured (median of repeats after a warm-up), per
-operator and per phase, with the absolute percentage error's median, p90 and max.
+naming the operator. Times are compared as predicted vs measured:
+- a phase (one forward pass) against its wall time measured without the tracer, the real cost;
+- an operator against its traced time (eager cases; a compiled forward has no operators to time);
+- the repeats of every point are interleaved with the other points' (round after round over the grid), so a
+  burst of machine noise hits many points once rather than one point every time; the noise floor of a phase
+  is the median relative spread ((max - min) / median) of its points' repeats, stated beside the error.
+Overheads are named, measured terms: per-operator dispatch (calibrated per backend), the glue between
+operators (wall time minus the sum of the operators' times) and the tracer's own cost (traced minus untraced
+wall time), and each phase row says how much of the measured time each term explains.
 """
 
 from __future__ import annotations
@@ -19,6 +26,10 @@ from perfmodel.costmodel.roofline import op_timings
 from perfmodel.specs.hardware import HardwareSpec
 from perfmodel.validation.counts import FIELDS, engine_totals, op_totals
 
+# how the engine runs a case: (operator structure, launch mode of the cost model, compiled by torch.compile)
+EXECS = {"eager": ("eager", "eager", None), "fused-eager": ("fused", "eager", None),
+         "graph": ("eager", "graph", "graph"), "fused": ("fused", "fused", "fused")}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -30,33 +41,65 @@ class Case:
     prompt: int
     decode_contexts: tuple[int, ...] = ()
     flash: bool = False
+    exec: str = "eager"  # eager | fused-eager | graph | fused (EXECS)
 
     @property
     def label(self) -> str:
         depth = f"x{self.layers}L" if self.layers else ""
-        return (f"{self.model}{depth} {self.backend}/{self.dtype}{'/flash' if self.flash else ''} "
-                f"b{self.batch} p{self.prompt}")
+        ex = "" if self.exec == "eager" else f"/{self.exec}"
+        return (f"{self.model}{depth} {self.backend}/{self.dtype}{'/flash' if self.flash else ''}{ex} "
+                f"b{self.batch}" + (f" p{self.prompt}" if self.prompt else ""))
+
+    @property
+    def structure(self) -> str:
+        return EXECS[self.exec][0]
+
+    @property
+    def timing_mode(self) -> str:
+        return EXECS[self.exec][1]
+
+    @property
+    def compiled(self) -> str | None:
+        return EXECS[self.exec][2]
+
+    @property
+    def profile(self) -> str:
+        """The hardware YAML's engines.<key> this case is predicted with."""
+        return self.backend if self.compiled is None else f"{self.backend}:{self.compiled}"
+
+    def points(self) -> list[tuple[str, int, int]]:
+        """(phase, new tokens, cached tokens) of every timed forward."""
+        pre = [("prefill", self.prompt, 0)] if self.prompt else []
+        return pre + [("decode", 1, c - 1) for c in self.decode_contexts]
+
+
+def _smol(backend, dtype, batch, prompt, ctxs, flash=False, exec="eager"):
+    return Case("smollm2-135m", None, backend, dtype, batch, prompt, tuple(ctxs), flash, exec)
 
 
 GRIDS = {
     # seconds on a 2-core CPU; the CI test uses "tiny"
     "tiny": [Case("smollm2-135m", 2, "numpy", "fp32", 2, 16, (24,)),
-             Case("gpt2", 1, "numpy", "fp32", 1, 8, (12,))],
-    "quick": [Case("smollm2-135m", None, "numpy", "fp32", b, p, (p + 1, 1024)) for b, p in
-              ((1, 16), (1, 128), (1, 512), (4, 64), (16, 32))]
-    + [Case("smollm2-360m", 4, "numpy", "fp32", 2, 256, (257, 2048)),
-       Case("gpt2-medium", 4, "numpy", "fp32", 4, 128, (129,)),
-       Case("smollm2-1.7b", 2, "numpy", "fp32", 1, 1024, (1025,))],
+             Case("gpt2", 1, "numpy", "fp32", 1, 8, (12,)),
+             Case("smollm2-135m", 2, "numpy", "fp32", 1, 8, (12,), exec="fused-eager")],
+    # deployment-like: full-depth models, real SmolLM2 weights, decode up to 4,096 tokens of context
+    "default": [
+        _smol("numpy", "fp32", 1, 16, (17, 129, 513, 1024, 2048, 4096)),
+        _smol("numpy", "fp32", 1, 128, ()), _smol("numpy", "fp32", 1, 512, ()),
+        _smol("numpy", "fp32", 4, 64, (65, 1024)), _smol("numpy", "fp32", 16, 32, (33, 512)),
+        _smol("numpy", "fp32", 1, 128, (129, 1024, 4096), exec="fused-eager"),
+        _smol("numpy", "fp32", 16, 0, (512,), exec="fused-eager"),
+        _smol("torch", "fp32", 1, 2048, (513, 2048), flash=True), _smol("torch", "fp32", 4, 64, (), flash=True),
+        _smol("torch", "fp32", 16, 0, (33,), flash=True),
+        _smol("torch", "bf16", 1, 512, (513, 4096), flash=True), _smol("torch", "bf16", 4, 0, (1024,), flash=True),
+        _smol("torch", "fp32", 1, 128, (513, 2048), flash=True, exec="graph"),
+        _smol("torch", "fp32", 1, 128, (513, 2048), flash=True, exec="fused"),
+        _smol("torch", "fp32", 4, 0, (1024,), flash=True, exec="fused"),
+        Case("smollm2-360m", None, "numpy", "fp32", 1, 128, (129, 1024)),
+        Case("gpt2", None, "numpy", "fp32", 1, 256, (257,)), Case("gpt2", None, "numpy", "fp32", 4, 0, (512,)),
+    ],
 }
-GRIDS["standard"] = GRIDS["quick"] + [
-    Case("smollm2-135m", None, "numpy", "fp32", 1, 2048, (2049,)),
-    Case("smollm2-135m", None, "numpy", "fp32", 8, 256, (257,)),
-    Case("smollm2-135m", None, "torch", "fp32", 1, 512, (513, 1024), flash=True),
-    Case("smollm2-135m", None, "torch", "bf16", 4, 128, (129,), flash=True),
-    Case("smollm2-135m", None, "torch", "fp32", 2, 256, (257,)),
-    Case("llama-3.1-8b", 1, "numpy", "fp32", 1, 128, (129,)),
-    Case("mixtral-8x7b", 1, "torch", "bf16", 2, 64, (65,), flash=True),
-]
+GRIDS["numpy"] = [c for c in GRIDS["default"] if c.backend == "numpy"]
 
 
 @dataclass
@@ -67,123 +110,211 @@ class CaseResult:
     mismatches: list[str] = field(default_factory=list)
 
 
-def _median_by_op(runs: list[list]) -> dict:
-    """Per operator name: median over repeats of its time summed over layers; plus one run's counts."""
-    per_run = []
-    for recs in runs:
-        t: dict = defaultdict(float)
-        for r in recs:
-            t[r.name] += r.time_s
-        per_run.append(t)
-    names = per_run[0].keys()
-    return {n: statistics.median(run[n] for run in per_run) for n in names}
-
-
-def run_case(case: Case, hw: HardwareSpec, repeats: int = 3, loaded: dict | None = None,
-             progress=None) -> CaseResult:
-    from perfmodel.engine.backend import make_backend
-    from perfmodel.engine.loading import load_engine_model
-    from perfmodel.engine.tracer import Tracer
-    from perfmodel.engine.transformer import KVCache, Transformer
-
-    key = (case.model, case.layers)
-    loaded = {} if loaded is None else loaded
-    if key not in loaded:
-        loaded[key] = load_engine_model(case.model, case.layers)
-    spec, weights, _ = loaded[key]
-    be = make_backend(case.backend, case.dtype)
-    tr = Tracer(enabled=True, timed=True)
-    engine = Transformer(spec, weights, be, flash=case.flash, tracer=tr)
-    hw_e = hw.for_engine(case.backend)
-    precision = Precision(case.dtype, case.dtype, case.dtype)
-    rng = np.random.default_rng(0)
-    max_ctx = max((case.prompt,) + case.decode_contexts)
-    ids = rng.integers(1, spec.vocab_size, (case.batch, max_ctx))
-    cache = KVCache(be, spec, case.batch, max_ctx + 1)
-    res = CaseResult(case)
-
-    def measure(phase, new, past):
-        """Repeat one forward of `new` tokens after `past` cached ones; return per-op medians and wall time."""
-        runs, walls = [], []
-        if past:
-            tr.enabled = False
-            cache.length = 0
-            engine.forward(ids[:, :past], cache)
-            tr.enabled = True
-        for rep in range(repeats + 1):  # the first is a warm-up
-            tr.clear()
-            cache.length = past
-            tr.phase = phase
-            t0 = time.perf_counter()
-            engine.forward(ids[:, past:past + new], cache)
-            wall = time.perf_counter() - t0
-            if rep:
-                runs.append(list(tr.records))
-                walls.append(wall)
-        touched = list(tr.experts_touched)
-        # one forward: every record shares the tracer's phase and step
-        counts = next(iter(engine_totals(runs[-1]).values()))
-        return _median_by_op(runs), statistics.median(walls), counts, touched
-
-    import contextlib
-
-    ctx = contextlib.nullcontext()
-    if case.backend == "torch":
-        ctx = be.torch.inference_mode()
-    with ctx:
-        points = [("prefill", case.prompt, 0)] + [("decode", 1, c - 1) for c in case.decode_contexts]
-        for phase, new, past in points:
-            med, wall, counts, touched = measure(phase, new, past)
-            moe = spec.moe_layers
-            touched_mean = sum(touched[-moe:]) / moe if moe and touched else None
-            ops = phase_ops(spec, case.batch, new, past, precision, case.flash, experts_touched=touched_mean,
-                            include_sampling=False, phase=phase)
-            timings = {t.op.name: t for t in op_timings(ops, hw_e, precision, host=False)}
-            totals = op_totals(ops)
-            for name, t in timings.items():
-                model_counts = totals[name]
-                for f in FIELDS:
-                    if counts[name][f] != model_counts[f]:
-                        res.mismatches.append(f"{case.label} {phase} past={past} {name}.{f}: engine "
-                                              f"{counts[name][f]:,} != model {model_counts[f]:,}")
-                pred = float(t.time_s) * t.op.layers
-                shape_eff = 1.0
-                if t.op.kind in ("matmul", "attention") and hw_e.efficiency.matmul_half_dim and t.op.min_dim is not None:
-                    dmin = float(np.asarray(t.op.min_dim))
-                    shape_eff = dmin / (dmin + hw_e.efficiency.matmul_half_dim)
-                res.op_rows.append({
-                    "case": case.label, "model": case.model, "backend": case.backend, "dtype": case.dtype,
-                    "batch": case.batch, "phase": phase, "context": past + new, "op": name, "kind": t.op.kind,
-                    "flops": model_counts["flops"], "bytes": sum(model_counts[f] for f in FIELDS[1:]),
-                    "bound": str(t.bound), "layers": t.op.layers, "shape_eff": shape_eff,
-                    "measured_s": med.get(name, float("nan")), "predicted_s": pred})
-            missing = set(med) - set(timings)
-            for name in missing:
-                res.mismatches.append(f"{case.label} {phase}: engine operator {name} has no model counterpart")
-            pred_total = sum(float(t.time_s) * t.op.layers for t in timings.values())
-            res.phase_rows.append({"case": case.label, "model": case.model, "backend": case.backend,
-                                   "dtype": case.dtype, "batch": case.batch, "phase": phase,
-                                   "context": past + new, "new_tokens": new, "measured_s": wall,
-                                   "predicted_s": pred_total})
-            if progress:
-                progress()
-    return res
-
-
 def ape(rows: list[dict]) -> np.ndarray:
     m = np.array([r["measured_s"] for r in rows])
     p = np.array([r["predicted_s"] for r in rows])
     return np.abs(p - m) / m * 100
 
 
+def spread(times: list[float]) -> float:
+    """Relative spread of a point's repeats: (max - min) / median."""
+    return (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else 0.0
+
+
 def error_summary(rows: list[dict], key: str) -> list[dict]:
-    """Median, p90 and max absolute percentage error, grouped by rows[key]."""
+    """Median, p90 and max absolute percentage error and signed bias, grouped by rows[key]; with the noise
+    floor (median relative spread of the repeats) where the rows carry one."""
     groups: dict = defaultdict(list)
     for r in rows:
         groups[r[key]].append(r)
     out = []
     for g, rs in sorted(groups.items()):
+        rs = [r for r in rs if r["measured_s"] > 0]
+        if not rs:
+            continue
         e = ape(rs)
-        out.append({key: g, "n": len(rs), "median_ape_pct": float(np.median(e)),
-                    "p90_ape_pct": float(np.percentile(e, 90)), "max_ape_pct": float(e.max())})
+        signed = np.array([(r["predicted_s"] - r["measured_s"]) / r["measured_s"] * 100 for r in rs])
+        row = {key: g, "n": len(rs), "median_ape_pct": float(np.median(e)), "p90_ape_pct": float(np.percentile(e, 90)),
+               "max_ape_pct": float(e.max()), "bias_pct": float(np.median(signed))}
+        if "noise_pct" in rs[0]:
+            row["noise_pct"] = float(np.median([r["noise_pct"] for r in rs]))
+        out.append(row)
     return out
+
+
+class Runner:
+    """Engines, caches and predictions for a list of cases; measures their points in interleaved rounds."""
+
+    def __init__(self, cases: list[Case], hw: HardwareSpec, loaded: dict | None = None, seed: int = 0):
+        self.cases, self.hw = cases, hw
+        self.loaded = {} if loaded is None else loaded
+        self.engines: dict = {}
+        self.rng = np.random.default_rng(seed)
+        self.state: dict = {}  # case -> (engine, forward, cache, ids, tracer)
+
+    def _weights(self, case: Case):
+        from perfmodel.engine.loading import load_engine_model
+
+        key = (case.model, case.layers)
+        if key not in self.loaded:
+            self.loaded[key] = load_engine_model(case.model, case.layers)
+        return self.loaded[key]
+
+    def _engine(self, case: Case):
+        from perfmodel.engine.backend import make_backend
+        from perfmodel.engine.tracer import Tracer
+        from perfmodel.engine.transformer import Transformer
+
+        key = (case.model, case.layers, case.backend, case.dtype, case.flash, case.structure)
+        if key not in self.engines:
+            spec, weights, _ = self._weights(case)
+            tr = Tracer(enabled=False, timed=True)
+            self.engines[key] = Transformer(spec, weights, make_backend(case.backend, case.dtype), flash=case.flash,
+                                            tracer=tr, structure=case.structure)
+        return self.engines[key]
+
+    def setup(self, case: Case):
+        if case in self.state:
+            return self.state[case]
+        from perfmodel.engine.transformer import KVCache
+
+        engine = self._engine(case)
+        spec = engine.spec
+        max_ctx = max((case.prompt,) + case.decode_contexts)
+        cache = KVCache(engine.be, spec, case.batch, max_ctx + 1)
+        # decode timing does not depend on the cached values: fill the history with random K/V instead of
+        # prefilling thousands of tokens first
+        for t in cache.k + cache.v:
+            t[...] = engine.be.asarray(self.rng.standard_normal(tuple(t.shape), dtype=np.float32) * 0.5)
+        ids = self.rng.integers(1, spec.vocab_size, (case.batch, max(case.prompt, 1)))
+        forward = engine.forward
+        if case.compiled:
+            from perfmodel.engine.compiled import compiled_forward
+
+            forward = compiled_forward(engine, case.compiled)
+        self.state[case] = (engine, forward, cache, ids)
+        return self.state[case]
+
+    def run(self, case: Case, point, traced: bool):
+        """One forward of the point; returns (wall seconds, records or None)."""
+        engine, forward, cache, ids = self.setup(case)
+        phase, new, past = point
+        tr = engine.tr
+        tr.enabled = traced
+        tr.clear()
+        tr.phase = phase
+        cache.length = past
+        x = ids[:, :new]
+        ctx = _inference_mode(case.backend)
+        with ctx:
+            t0 = time.perf_counter()
+            forward(x, cache)
+            engine.be.sync()
+            wall = time.perf_counter() - t0
+        tr.enabled = False
+        return wall, (list(tr.records) if traced else None), list(tr.experts_touched)
+
+    def measure(self, repeats: int = 3, traced_repeats: int = 2, progress=None) -> list[CaseResult]:
+        points = [(c, p) for c in self.cases for p in c.points()]
+        walls: dict = defaultdict(list)
+        traced_walls: dict = defaultdict(list)
+        records: dict = defaultdict(list)
+        touched: dict = {}
+        for c, p in points:  # warm-up (and compilation) round
+            self.run(c, p, traced=False)
+            if progress:
+                progress(f"warm-up {c.label}")
+        for rnd in range(max(repeats, traced_repeats)):
+            for c, p in points:
+                if rnd < repeats:
+                    walls[(c, p)].append(self.run(c, p, traced=False)[0])
+                if rnd < traced_repeats and c.compiled is None:
+                    w, recs, tt = self.run(c, p, traced=True)
+                    traced_walls[(c, p)].append(w)
+                    records[(c, p)].append(recs)
+                    touched[(c, p)] = tt
+                if progress:
+                    progress(f"round {rnd + 1}: {c.label}")
+        return [self._compare(c, walls, traced_walls, records, touched) for c in self.cases]
+
+    def _compare(self, case, walls, traced_walls, records, touched) -> CaseResult:
+        engine = self._engine(case)
+        spec = engine.spec
+        hw_e = self.hw.for_engine(case.profile)
+        precision = Precision(case.dtype, case.dtype, case.dtype)
+        res = CaseResult(case)
+        for point in case.points():
+            phase, new, past = point
+            key = (case, point)
+            moe = spec.moe_layers
+            tt = touched.get(key) or []
+            touched_mean = sum(tt[-moe:]) / moe if moe and tt else None
+            ops = phase_ops(spec, case.batch, new, past, precision, case.flash, experts_touched=touched_mean,
+                            include_sampling=False, phase=phase, exec_mode=case.structure)
+            timings = op_timings(ops, hw_e, precision, case.timing_mode)
+            by_name = {t.op.name: t for t in timings}
+            pred_total = sum(float(t.time_s) * t.op.layers for t in timings)
+            roof = sum(float(np.maximum(np.maximum(t.compute_s, t.memory_s), t.floor_s)) * t.op.layers
+                       for t in timings if t.op.kind != "host")
+            dispatch = sum(float(t.overhead_s) * t.op.layers for t in timings if t.op.kind != "host")
+            host = sum(float(t.time_s) for t in timings if t.op.kind == "host")
+            wall = statistics.median(walls[key])
+            row = {"case": case.label, "model": case.model, "backend": case.backend, "dtype": case.dtype,
+                   "exec": case.exec, "batch": case.batch, "phase": phase, "context": past + new, "new_tokens": new,
+                   "measured_s": wall, "predicted_s": pred_total, "noise_pct": spread(walls[key]) * 100,
+                   "pred_roofline_s": roof, "pred_dispatch_s": dispatch, "pred_glue_s": host}
+            if records.get(key):
+                runs = records[key]
+                per_op = _median_by_op(runs)
+                ops_s = sum(per_op.values())
+                row.update(measured_ops_s=ops_s, measured_glue_s=wall - ops_s,
+                           tracer_s=statistics.median(traced_walls[key]) - wall)
+                counts = next(iter(engine_totals(runs[-1]).values()))
+                totals = op_totals(ops)
+                for name, t in by_name.items():
+                    if t.op.kind == "host":
+                        continue
+                    model_counts = totals[name]
+                    for f in FIELDS:
+                        if counts.get(name, {}).get(f, 0) != model_counts[f]:
+                            res.mismatches.append(f"{case.label} {phase} past={past} {name}.{f}: engine "
+                                                  f"{counts.get(name, {}).get(f, 0):,} != model {model_counts[f]:,}")
+                    res.op_rows.append({
+                        "case": case.label, "model": case.model, "backend": case.backend, "dtype": case.dtype,
+                        "exec": case.exec, "batch": case.batch, "phase": phase, "context": past + new, "op": name,
+                        "kind": t.op.kind, "flops": model_counts["flops"],
+                        "bytes": sum(model_counts[f] for f in FIELDS[1:]), "bound": str(t.bound),
+                        "layers": t.op.layers, "measured_s": per_op.get(name, float("nan")),
+                        "predicted_s": float(t.time_s) * t.op.layers,
+                        "predicted_overhead_s": float(t.overhead_s) * t.op.layers})
+                for name in set(per_op) - set(by_name):
+                    res.mismatches.append(f"{case.label} {phase}: engine operator {name} has no model counterpart")
+            res.phase_rows.append(row)
+        return res
+
+
+def _median_by_op(runs: list[list]) -> dict:
+    """Per operator name: median over repeats of its time summed over layers."""
+    per_run = []
+    for recs in runs:
+        t: dict = defaultdict(float)
+        for r in recs:
+            t[r.name] += r.time_s
+        per_run.append(t)
+    return {n: statistics.median(run[n] for run in per_run) for n in per_run[0]}
+
+
+def _inference_mode(backend: str):
+    import contextlib
+
+    if backend == "torch":
+        import torch
+
+        return torch.inference_mode()
+    return contextlib.nullcontext()
+
+
+def run_case(case: Case, hw: HardwareSpec, repeats: int = 3, loaded: dict | None = None,
+             progress=None) -> CaseResult:
+    """One case on its own (its points interleaved with each other)."""
+    return Runner([case], hw, loaded).measure(repeats, min(repeats, 2), progress=lambda *_: progress and progress())[0]
