@@ -40,7 +40,7 @@ def test_tensor_parallel_splits_weights_and_adds_allreduce():
     assert e4["comm_share"][0] > 0
 
 
-@pytest.mark.parametrize("model,rate,tight_tpot", [("llama-3.1-70b", 20.0, 0.02), ("llama-3.1-8b", 50.0, 0.007)])
+@pytest.mark.parametrize("model,rate,tight_tpot", [("llama-3.1-70b", 20.0, 0.015), ("llama-3.1-8b", 50.0, 0.007)])
 def test_planner_needs_fewer_gpus_when_slo_loosens(model, rate, tight_tpot):
     m = load_model(model)
     work = PlanInput(np.array([1024]), np.array([256]), rate)

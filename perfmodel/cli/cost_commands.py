@@ -30,9 +30,12 @@ def analyze(
     kv_prune: str = typer.Option("dense", help="KV compression: per-token:0.7, per-channel:0.5:output, kivi:2, "
                                                "h2o:0.7, streaming:0.7"),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
+    tp: int = typer.Option(1, help="tensor-parallel devices"), pp: int = typer.Option(1, help="pipeline stages"),
+    ep: int = typer.Option(1, help="expert-parallel devices (MoE)"),
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
-    """Per-operator FLOPs, bytes, time and bound for prefill and decode, with the request summary."""
+    """Per-operator FLOPs, bytes, time and bound for prefill and decode, with the request summary (per device,
+    collectives as operators, under --tp/--pp/--ep)."""
     from perfmodel.kvcache.methods import KVMethod
     from perfmodel.costmodel.operators import Precision
     from perfmodel.costmodel.request import Workload, analyze as run_analysis
@@ -42,8 +45,11 @@ def analyze(
     precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
     hw, mode, prof = runtime(load_hardware(hardware).with_efficiency(efficiency), exec, framework)
     method = KVMethod.parse(kv_prune)
+    from perfmodel.costmodel.parallel import Parallelism
+
     a = run_analysis(load_model(model), hw, Workload(batch, input, output), precision, flash,
-                     None if method.kind == "dense" else method, exec_mode=mode)
+                     None if method.kind == "dense" else method, exec_mode=mode,
+                     parallelism=Parallelism(tp=tp, pp=pp, ep=ep))
     result = a.to_dict()
     result["framework"] = prof.name if prof else None
     if emit(format, result, result["ops"]):
@@ -61,6 +67,9 @@ def _print_analysis(r: dict) -> None:
             "time_s": ("time", seconds), "bound": ("bound", str)}
     w = r["workload"]
     run = f"{r['exec_mode']}" + (f", {r['framework']}" if r.get("framework") else "")
+    par = r["parallelism"]
+    if par["devices"] > 1:
+        run += f", per device of TP{par['tp']}·PP{par['pp']}" + (f"·EP{par['ep']}" if par["ep"] > 1 else "")
     print_table(r["ops"], title=f"{r['model']} on {r['hardware']} ({run}): batch {w['batch']}, input {w['input']}, "
                                 f"output {w['output']} (decode rows: totals over all steps)", columns=cols)
     phases = [{"phase": ph, **{k: r[ph][k] for k in ("flops", "bytes", "time_s", "bound")}}
@@ -73,7 +82,8 @@ def _print_analysis(r: dict) -> None:
             f"· end-to-end {seconds(q['e2e_s'])} · {q['tokens_per_s']:.1f} tokens/s")
     c.print(f"memory: weights {si(m['weights_bytes'], 'B')} + KV {si(m['kv_cache_bytes'], 'B')} "
             f"({si(m['kv_bytes_per_token'], 'B')}/token) + activations {si(m['activation_bytes'], 'B')} = "
-            f"{si(m['total_bytes'], 'B')} of {si(m['capacity_bytes'], 'B')}: "
+            f"{si(m['total_bytes'], 'B')} of {si(m['capacity_bytes'], 'B')}"
+            + (f" per device ({m['devices']} devices)" if m.get("per_device") else "") + ": "
             + ("[green]fits[/green]" if m["fits"] else "[red]does not fit[/red]"))
 
 
@@ -128,6 +138,7 @@ def sweep_cmd(
     kv_dtype: str = typer.Option(None),
     flash: bool = typer.Option(True, "--flash/--no-flash"),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
+    tp: str = typer.Option("1", help="tensor-parallel degrees, a list like 1,2,4,8 (a grid dimension)"),
     out: Path = typer.Option(None, help="write the grid to FILE.csv or FILE.parquet"),
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
@@ -147,9 +158,9 @@ def sweep_cmd(
     precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
     grid = (int_list("--batch", batch), int_list("--input", input), int_list("--output", output))
     with Progress(transient=True, disable=format != "table") as prog:
-        task = prog.add_task("sweeping", total=len(models_) * len(hws))
+        task = prog.add_task("sweeping", total=len(models_) * len(hws) * len(int_list("--tp", tp)))
         df = sweep(models_, hws, *grid, precision=precision, flash=flash,
-                   progress=lambda: prog.advance(task), exec_mode=mode)
+                   progress=lambda: prog.advance(task), exec_mode=mode, tps=tuple(int_list("--tp", tp)))
     if out is not None:
         if out.suffix == ".parquet":
             try:

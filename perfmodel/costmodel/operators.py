@@ -107,6 +107,8 @@ class Op:
     min_dim: object = None  # smallest matmul dimension, for shape-dependent efficiency
     group: str = "layer"  # layer | embed | head | host
     host_s: float = 0.0  # kind "host" only: seconds of host time (launches, glue), no FLOPs or bytes
+    link_bytes: object = 0  # kind "comm" only: bytes one call moves over the interconnect
+    comm_s: object = 0.0  # kind "comm" only: seconds of one call on the link
 
     @property
     def read_bytes(self):

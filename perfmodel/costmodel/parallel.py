@@ -25,7 +25,9 @@ TP_SPLIT = {"q_proj", "k_proj", "v_proj", "o_proj", "rope", "kv_write", "attenti
             "expert_act_mul", "expert_down", "shared_gate_proj", "shared_up_proj", "shared_act_mul",
             "shared_down_proj", "q_a_proj", "q_b_proj", "kv_b_proj", "q_absorb", "out_absorb",
             # fused execution's operators (perfmodel.costmodel.operators, exec_mode "fused")
-            "qkv_proj", "gate_up_proj", "up_act_proj", "expert_gate_up", "shared_gate_up_proj"}
+            "qkv_proj", "gate_up_proj", "up_act_proj", "expert_gate_up", "shared_gate_up_proj",
+            # per-layer attention types and per-head / per-logit elementwise work
+            "attention_local", "attention_chunked", "qk_norm", "logit_softcap"}
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ def split_ops(ops: list[Op], par: Parallelism, model: ModelSpec) -> list[Op]:
                       kv_read_bytes=op.kv_read_bytes / div if div > 1 else op.kv_read_bytes,
                       act_write_bytes=op.act_write_bytes / div if div > 1 else op.act_write_bytes,
                       kv_write_bytes=op.kv_write_bytes / div if div > 1 else op.kv_write_bytes,
-                      min_dim=op.min_dim, group=op.group))
+                      min_dim=op.min_dim, group=op.group, host_s=op.host_s, link_bytes=op.link_bytes,
+                      comm_s=op.comm_s))
     return out
 
 
@@ -106,6 +109,50 @@ def comm_seconds(model: ModelSpec, par: Parallelism, hw: HardwareSpec, tokens, p
         routed = hidden_bytes * model.experts_per_token
         out["ep_all_to_all"] = 2 * model.moe_layers * all_to_all_s(routed, par.ep, hw)
     return out
+
+
+def comm_ops(model: ModelSpec, par: Parallelism, hw: HardwareSpec, tokens, precision: Precision) -> list[Op]:
+    """The collectives of one forward pass of `tokens` tokens as operators of kind "comm" (per device, on the
+    critical path, not overlapped with compute): two ring all-reduces of the hidden state per layer under
+    tensor parallelism, a point-to-point send per pipeline boundary, two all-to-alls per MoE layer under expert
+    parallelism. link_bytes is one call's message; comm_s its time from the hardware YAML's interconnect."""
+    a = precision.act_bytes
+    hidden = np.asarray(tokens, dtype=np.float64) * model.hidden_size * a
+    ops = []
+    if par.tp > 1:
+        ops.append(Op("tp_allreduce", "comm", 2 * model.num_layers, 0, group="comm", link_bytes=hidden,
+                      comm_s=ring_allreduce_s(hidden, par.tp, hw)))
+    if par.pp > 1:
+        link = _link(hw)
+        ops.append(Op("pp_send", "comm", par.pp - 1, 0, group="comm", link_bytes=hidden,
+                      comm_s=hidden / (link.bandwidth_gbps * 1e9) + link.latency_us * 1e-6))
+    if model.is_moe and par.ep > 1:
+        routed = hidden * model.experts_per_token
+        ops.append(Op("ep_all_to_all", "comm", 2 * model.moe_layers, 0, group="comm", link_bytes=routed,
+                      comm_s=all_to_all_s(routed, par.ep, hw)))
+    return ops
+
+
+def per_device_ops(ops: list[Op], model: ModelSpec, par: Parallelism, hw: HardwareSpec, tokens,
+                   precision: Precision) -> list[Op]:
+    """One forward's critical path on tp*pp (*ep) devices: every operator split as its device runs it, the
+    layers of all pipeline stages in sequence, and the collectives as operators."""
+    if par.tp * par.pp * par.ep == 1:
+        return ops
+    par.check(model)
+    return split_ops(ops, par, model) + comm_ops(model, par, hw, tokens, precision)
+
+
+def per_device_weights(model: ModelSpec, par: Parallelism, precision: Precision, total_bytes: float) -> float:
+    """Weight bytes on one device: split over tp*pp, with experts spread further over ep when ep > tp."""
+    from perfmodel.dtypes import bytes_per_element
+
+    shards = par.tp * par.pp
+    w = total_bytes / shards
+    if model.is_moe and par.ep > par.tp:
+        expert = model.moe_layers * model.num_experts * model.mlp_params(model.moe_intermediate_size)
+        w -= expert * bytes_per_element(precision.weights) / shards * (1 - par.tp / par.ep)
+    return w
 
 
 def pipeline_bubble(par: Parallelism) -> float:

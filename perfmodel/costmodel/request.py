@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from perfmodel.costmodel.execution import DEFAULT_EXEC, check_exec_mode
+from perfmodel.costmodel.parallel import Parallelism, per_device_ops, per_device_weights
 from perfmodel.costmodel.operators import (Precision, kv_bytes_per_token_layer, kv_cache_bytes, phase_ops,
                                            weight_memory_bytes)
 from perfmodel.costmodel.roofline import OpTiming, op_timings, phase_summary
@@ -49,6 +50,7 @@ class Analysis:
     decode: list[OpTiming]  # arrays over decode steps
     kv_method: object = None  # a KVMethod compressing the cache, or None (dense)
     exec_mode: str = DEFAULT_EXEC
+    parallelism: Parallelism = field(default_factory=Parallelism)
 
     def _phase(self, timings: list[OpTiming]) -> dict:
         s = phase_summary(timings)
@@ -108,13 +110,15 @@ class Analysis:
             kv = int(kv_stored_bytes(m, self.kv_method, w.input_tokens + w.output_tokens, w.batch, p.kv_cache))
         else:
             kv = int(kv_cache_bytes(m, w.input_tokens + w.output_tokens, w.batch, p.kv_cache))
-        act = activation_peak_bytes(self.prefill)
+        act = activation_peak_bytes(self.prefill)  # the per-device operators' working sets already
+        par = self.parallelism
+        weights, kv = per_device_weights(m, par, p, weights), kv / (par.tp * par.pp)
         total = weights + kv + act
         cap = self.hardware.memory_capacity
-        return {"weights_bytes": int(weights), "kv_cache_bytes": kv,
-                "kv_bytes_per_token": m.num_layers * kv_bytes_per_token_layer(m, p.kv_cache),
+        return {"weights_bytes": int(weights), "kv_cache_bytes": int(kv),
+                "kv_bytes_per_token": m.num_layers * kv_bytes_per_token_layer(m, p.kv_cache) // (par.tp * par.pp),
                 "activation_bytes": int(act), "total_bytes": int(total), "capacity_bytes": int(cap),
-                "fits": bool(total <= cap)}
+                "fits": bool(total <= cap), "devices": par.devices, "per_device": par.devices > 1}
 
     def op_rows(self) -> list[dict]:
         """LLM-Viewer style per-operator table: per phase, each operator's totals over its layers (and steps)."""
@@ -134,7 +138,8 @@ class Analysis:
                     "bytes": nbytes, "weight_bytes": int(total(t.op.weight_bytes)) * n,
                     "kv_bytes": int(total(t.op.kv_read_bytes) + total(t.op.kv_write_bytes)) * n,
                     "arithmetic_intensity": flops / max(nbytes, 1),
-                    "time_s": float(total(t.time_s)) * n, "bound": "compute" if comp >= mem else "memory",
+                    "time_s": float(total(t.time_s)) * n, "bound": (str(np.asarray(t.bound).reshape(-1)[0]) if t.op.kind in ("host", "comm")
+                              else "compute" if comp >= mem else "memory"),
                 })
         return rows
 
@@ -145,6 +150,8 @@ class Analysis:
                 "precision": {"weights": self.precision.weights, "activations": self.precision.activations,
                               "kv_cache": self.precision.kv_cache},
                 "flash_attention": self.flash, "exec_mode": self.exec_mode,
+                "parallelism": {"tp": self.parallelism.tp, "pp": self.parallelism.pp, "ep": self.parallelism.ep,
+                                "devices": self.parallelism.devices},
                 "kv_method": self.kv_method.label if self.kv_method is not None else "dense",
                 "prefill": self.prefill_summary, "decode": self.decode_summary, "request": self.request,
                 "memory": self.memory, "ops": self.op_rows()}
@@ -168,12 +175,22 @@ def encoder_ops(model: ModelSpec, batch, tokens, precision: Precision, flash: bo
 
 
 def analyze(model: ModelSpec, hardware: HardwareSpec, workload: Workload, precision: Precision | None = None,
-            flash: bool = True, kv_method=None, exec_mode: str = DEFAULT_EXEC) -> Analysis:
-    """Prefill (encoder pass, or encoder + first decoder step), then every decode step, as exec_mode runs them."""
+            flash: bool = True, kv_method=None, exec_mode: str = DEFAULT_EXEC,
+            parallelism: Parallelism | None = None) -> Analysis:
+    """Prefill (encoder pass, or encoder + first decoder step), then every decode step, as exec_mode runs them.
+    With parallelism (tensor / pipeline / expert), every operator is what one device runs, the collectives are
+    operators of their own, the times are the critical path through all pipeline stages, and the memory is
+    per device."""
     p = precision or Precision()
     x = check_exec_mode(exec_mode)
+    par = parallelism or Parallelism()
+    if par.tp * par.pp * par.ep > 1 and not model.is_decoder_only:
+        raise PerfmodelError(f"--tp/--pp/--ep: parallel analysis covers decoder-only models, not {model.name} "
+                             f"({model.architecture})")
 
-    def timed(ops):
+    def timed(ops, tokens=None):
+        if tokens is not None:
+            ops = per_device_ops(ops, model, par, hardware, tokens, p)
         return op_timings(ops, hardware, p, x)
 
     if kv_method is not None and kv_method.kind != "dense":
@@ -182,10 +199,10 @@ def analyze(model: ModelSpec, hardware: HardwareSpec, workload: Workload, precis
         w = workload
         past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
         prefill = timed(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill", kv_method=kv_method,
-                                  exec_mode=x))
+                                  exec_mode=x), w.batch * w.input_tokens)
         decode = timed(phase_ops(model, w.batch, 1, past, p, flash, phase="decode", kv_method=kv_method,
-                                 exec_mode=x))
-        return Analysis(model, hardware, w, p, flash, prefill, decode, kv_method, x)
+                                 exec_mode=x), w.batch)
+        return Analysis(model, hardware, w, p, flash, prefill, decode, kv_method, x, par)
     w = workload
     past = w.decode_past if w.decode_steps else np.asarray([w.input_tokens])
     if model.architecture == "encoder":
@@ -201,6 +218,7 @@ def analyze(model: ModelSpec, hardware: HardwareSpec, workload: Workload, precis
         decode = timed(phase_ops(model, w.batch, 1, steps, p, flash, phase="decode", cross_tokens=w.input_tokens,
                                  exec_mode=x))
         return Analysis(model, hardware, w, p, flash, prefill, decode, exec_mode=x)
-    prefill = timed(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill", exec_mode=x))
-    decode = timed(phase_ops(model, w.batch, 1, past, p, flash, phase="decode", exec_mode=x))
-    return Analysis(model, hardware, w, p, flash, prefill, decode, exec_mode=x)
+    prefill = timed(phase_ops(model, w.batch, w.input_tokens, 0, p, flash, phase="prefill", exec_mode=x),
+                    w.batch * w.input_tokens)
+    decode = timed(phase_ops(model, w.batch, 1, past, p, flash, phase="decode", exec_mode=x), w.batch)
+    return Analysis(model, hardware, w, p, flash, prefill, decode, exec_mode=x, parallelism=par)

@@ -26,8 +26,8 @@ class OpTiming:
 
     @property
     def bound(self):
-        if self.op.kind == "host":
-            return np.asarray("host")
+        if self.op.kind in ("host", "comm"):
+            return np.asarray("host" if self.op.kind == "host" else "interconnect")
         bound = np.where(self.compute_s >= self.memory_s, "compute", "memory")
         return np.where(np.maximum(self.compute_s, self.memory_s) < self.floor_s, "latency", bound)
 
@@ -50,6 +50,8 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
     eff = hw.efficiency
     if op.kind == "host":
         return OpTiming(op, np.zeros(()), np.zeros(()), float(op.host_s))
+    if op.kind == "comm":  # the link's time: bandwidth and latency from the hardware YAML (costmodel.parallel)
+        return OpTiming(op, np.zeros(()), np.asarray(op.comm_s, dtype=np.float64), 0.0)
     c_eff = eff.compute * eff.kind_compute.get(op.kind, 1.0)
     if op.kind in ("matmul", "attention") and eff.matmul_half_dim and op.min_dim is not None:
         d = np.asarray(op.min_dim, dtype=np.float64)

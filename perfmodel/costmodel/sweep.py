@@ -13,6 +13,7 @@ import pandas as pd
 
 from perfmodel.costmodel.execution import DEFAULT_EXEC
 from perfmodel.costmodel.operators import Precision, kv_cache_bytes, phase_ops, weight_memory_bytes
+from perfmodel.costmodel.parallel import Parallelism, per_device_ops, per_device_weights
 from perfmodel.costmodel.roofline import op_timings, phase_summary
 from perfmodel.specs.hardware import HardwareSpec
 from perfmodel.specs.model import ModelSpec
@@ -46,12 +47,16 @@ def _pieces(c0, c1, m0, m1, f, over, layers, lo, hi):
     return starts, a, b
 
 
-def _decode_coefficients(model, hw, p, flash, batch_u, at, exec_mode):
+def _decode_coefficients(model, hw, p, flash, batch_u, at, exec_mode, par=None):
     """Per operator (rows) and distinct batch (columns): compute and memory seconds as affine functions of
     past tokens, read off at past = at and at + 1 (exact: the costs are affine on each segment)."""
-    t0 = op_timings(phase_ops(model, batch_u, 1, at, p, flash, phase="decode", exec_mode=exec_mode), hw, p, exec_mode)
-    t1 = op_timings(phase_ops(model, batch_u, 1, at + 1, p, flash, phase="decode", exec_mode=exec_mode), hw, p,
-                    exec_mode)
+    par = par or Parallelism()
+
+    def ops_at(past):
+        ops = phase_ops(model, batch_u, 1, past, p, flash, phase="decode", exec_mode=exec_mode)
+        return op_timings(per_device_ops(ops, model, par, hw, batch_u, p), hw, p, exec_mode)
+
+    t0, t1 = ops_at(at), ops_at(at + 1)
     shape = (len(batch_u),)
     stack = lambda ts, f: np.stack([np.broadcast_to(getattr(t, f), shape) for t in ts])  # noqa: E731
     c0, m0 = stack(t0, "compute_s"), stack(t0, "memory_s")
@@ -76,7 +81,7 @@ def decode_segments(model: ModelSpec, max_past: float) -> list[tuple[float, floa
     return [(lo, hi - 1) for lo, hi in zip(starts, starts[1:])] + [(starts[-1], np.inf)]
 
 
-def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode):
+def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode, par=None):
     """Total decode seconds over the steps with past = inp .. inp+out-2, and the first and last step times.
 
     Per distinct batch the step time is piecewise linear in past, so its prefix sum F(x) = sum_{y<=x} step(y)
@@ -84,7 +89,7 @@ def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode):
     """
     inv, batch_u = pd.factorize(batch, sort=True)  # hashing: O(n), unlike np.unique's sort
     segments = decode_segments(model, float(np.max(inp + out)) if len(inp) else 0.0)
-    coeffs = [_decode_coefficients(model, hw, p, flash, batch_u, lo, exec_mode) for lo, _ in segments]
+    coeffs = [_decode_coefficients(model, hw, p, flash, batch_u, lo, exec_mode, par) for lo, _ in segments]
     keys, a_all, b_all, f_all = [], [], [], []
     span = 2.0 ** 40  # key = batch index * span + past, exact in float64
     for j in range(len(batch_u)):
@@ -123,23 +128,26 @@ def _affine_sum(x0, x1, a, b):
 
 
 def sweep_arrays(model: ModelSpec, hw: HardwareSpec, batch, inp, out, precision: Precision | None = None,
-                 flash: bool = True, exec_mode: str = DEFAULT_EXEC) -> dict[str, np.ndarray]:
-    """Request-level figures for aligned 1-D arrays batch, inp, out (one entry per grid point)."""
+                 flash: bool = True, exec_mode: str = DEFAULT_EXEC,
+                 parallelism: Parallelism | None = None) -> dict[str, np.ndarray]:
+    """Request-level figures for aligned 1-D arrays batch, inp, out (one entry per grid point); with
+    parallelism, per device on the critical path (as analyze)."""
     p = precision or Precision()
+    par = parallelism or Parallelism()
     batch, inp, out = (np.asarray(x, dtype=np.float64) for x in (batch, inp, out))
     # prefill depends on (batch, input) only: evaluate each distinct pair once
     pair_inv, pair_keys = pd.factorize(batch * 2.0 ** 32 + inp)
     pairs = np.stack([np.floor(pair_keys / 2.0 ** 32), pair_keys % 2.0 ** 32])
-    pre = phase_summary(op_timings(phase_ops(model, pairs[0], pairs[1], 0, p, flash, phase="prefill",
-                                             exec_mode=exec_mode), hw, p, exec_mode))
+    pre_ops = phase_ops(model, pairs[0], pairs[1], 0, p, flash, phase="prefill", exec_mode=exec_mode)
+    pre = phase_summary(op_timings(per_device_ops(pre_ops, model, par, hw, pairs[0] * pairs[1], p), hw, p, exec_mode))
     host = hw.host_overhead_us * 1e-6  # the serving loop's time per step outside the forward (Analysis.request)
     ttft = np.broadcast_to(pre["time_s"], pairs[0].shape)[pair_inv] + host
     prefill_bound = np.broadcast_to(pre["bound"], pairs[0].shape)[pair_inv]
-    decode_s, tpot_first, tpot_last = _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode)
+    decode_s, tpot_first, tpot_last = _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode, par)
     decode_s, tpot_first, tpot_last = decode_s + host * np.maximum(out - 1, 0), tpot_first + host, tpot_last + host
     e2e = ttft + decode_s
-    weights = weight_memory_bytes(model, p)
-    kv = kv_cache_bytes(model, inp + out, batch, p.kv_cache)
+    weights = per_device_weights(model, par, p, weight_memory_bytes(model, p))
+    kv = kv_cache_bytes(model, inp + out, batch, p.kv_cache) / (par.tp * par.pp)
     total = weights + kv
     has_decode = out > 1
     return {
@@ -154,16 +162,18 @@ def sweep_arrays(model: ModelSpec, hw: HardwareSpec, batch, inp, out, precision:
 
 def sweep(models: list[ModelSpec], hardware: list[HardwareSpec], batches, inputs, outputs,
           precision: Precision | None = None, flash: bool = True, progress=None,
-          exec_mode: str = DEFAULT_EXEC) -> pd.DataFrame:
-    """Cartesian grid models x hardware x batch x input x output, as a DataFrame (one row per point)."""
+          exec_mode: str = DEFAULT_EXEC, tps=(1,)) -> pd.DataFrame:
+    """Cartesian grid models x hardware x tp x batch x input x output, as a DataFrame (one row per point)."""
     b, i, o = np.meshgrid(np.asarray(batches), np.asarray(inputs), np.asarray(outputs), indexing="ij")
     b, i, o = b.ravel(), i.ravel(), o.ravel()
     frames = []
     for m in models:
         for hw in hardware:
-            cols = sweep_arrays(m, hw, b, i, o, precision, flash, exec_mode=exec_mode)
-            frames.append(pd.DataFrame({"model": m.name, "hardware": hw.name, "batch": b, "input": i,
-                                        "output": o, **cols}))
-            if progress:
-                progress()
+            for tp in tps:
+                cols = sweep_arrays(m, hw, b, i, o, precision, flash, exec_mode=exec_mode,
+                                    parallelism=Parallelism(tp=tp))
+                frames.append(pd.DataFrame({"model": m.name, "hardware": hw.name, "tp": tp, "batch": b,
+                                            "input": i, "output": o, **cols}))
+                if progress:
+                    progress()
     return pd.concat(frames, ignore_index=True)
