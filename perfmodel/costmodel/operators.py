@@ -107,6 +107,7 @@ class Op:
     min_dim: object = None  # smallest matmul dimension, for shape-dependent efficiency
     group: str = "layer"  # layer | embed | head | host
     host_s: float = 0.0  # kind "host" only: seconds of host time (launches, glue), no FLOPs or bytes
+    variant: str = ""  # how this model implements the operator (op_variant): the key of its dispatch cost
     link_bytes: object = 0  # kind "comm" only: bytes one call moves over the interconnect
     comm_s: object = 0.0  # kind "comm" only: seconds of one call on the link
 
@@ -127,6 +128,26 @@ def _chunk_prefix_pairs(n, chunk):
     """Pairs of positions 0..n-1 under chunked attention: position p sees the (p mod chunk) + 1 keys of its chunk."""
     q, r = n // chunk, n % chunk
     return q * (chunk * (chunk + 1) // 2) + r * (r + 1) // 2
+
+
+_NORMS = {"attn_norm", "mlp_norm", "final_norm", "add_norm", "cross_norm", "attn_post_norm", "mlp_post_norm"}
+_BIASED = {"q_proj", "k_proj", "v_proj", "qkv_proj"}
+
+
+def op_variant(model: ModelSpec, name: str) -> str:
+    """The implementation an operator has in this model, where families differ (LayerNorm vs RMSNorm, a matmul
+    with a bias, GELU vs SiLU, learned positions): a measured per-call cost is keyed by name:variant."""
+    if name in _NORMS:
+        return model.norm
+    if name in _BIASED and (model.qkv_bias or model.linear_bias):
+        return "bias"
+    if model.linear_bias and name in ("o_proj", "up_proj", "down_proj", "up_act_proj"):
+        return "bias"
+    if name in ("act", "act_mul", "gate_up_proj", "up_act_proj", "expert_act_mul", "expert_gate_up"):
+        return model.activation
+    if name == "embed":
+        return model.positions
+    return ""
 
 
 def attended_pairs(past, new, window=None, causal: bool = True, chunk=None):
@@ -426,7 +447,7 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
 
     if not head:  # an encoder's output is its last hidden state
         b.norm("final_norm", 1, N, h, group="head")
-        return b.ops
+        return _tag_variants(m, b.ops)
     n_logits = N if all_logits else B
     b.norm("final_norm", 1, n_logits, h, group="head")
     b.matmul("lm_head", 1, n_logits, h, m.vocab_size, group="head")
@@ -436,7 +457,13 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
         b.ops.append(Op("sample", "elementwise", 1, n_logits * m.vocab_size,
                         act_read_bytes=n_logits * m.vocab_size * a, act_write_bytes=n_logits * INDEX_BYTES,
                         group="head"))
-    return b.ops
+    return _tag_variants(m, b.ops)
+
+
+def _tag_variants(m: ModelSpec, ops: list[Op]) -> list[Op]:
+    for o in ops:
+        o.variant = op_variant(m, o.name)
+    return ops
 
 
 def _fused_attention(b: _Builder, L, B, T, P, flash, window, chunk=None, suffix="", rope=None):

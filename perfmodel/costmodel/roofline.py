@@ -67,7 +67,9 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
     memory_s = memory_seconds(op, hw, m_eff, footprint)
     if not launches_per_op(exec_mode):  # replayed from a graph: no host cost per operator, a minimum duration
         return OpTiming(op, compute_s, memory_s, 0.0, hw.kernel_min_us * 1e-6)
-    per_call = eff.op_overhead_map_us.get(op.name, eff.kind_overhead_us.get(op.kind, eff.op_overhead_us))
+    per_call = eff.op_overhead_map_us.get(f"{op.name}:{op.variant}") if op.variant else None
+    if per_call is None:
+        per_call = eff.op_overhead_map_us.get(op.name, eff.kind_overhead_us.get(op.kind, eff.op_overhead_us))
     overhead = (hw.launch_overhead_us + per_call) * 1e-6
     return OpTiming(op, compute_s, memory_s, overhead)
 

@@ -46,13 +46,26 @@ class Tracer:
             self.sync()
         return time.perf_counter()
 
+    def stop(self) -> None:
+        """Mark the end of the operator being timed, before its counts are computed (the tracer's own
+        bookkeeping then stays outside the operator's time); the next record() uses this end."""
+        if self.enabled and self.timed:
+            if self.sync:
+                self.sync()
+            self._end = time.perf_counter()
+
     def record(self, t0: float, name: str, kind: str, layer: int, flops: int, **nbytes) -> None:
-        """t0 from start(); the duration is now - t0 (a caller summing sub-steps passes now - their total)."""
+        """t0 from start(); the duration ends at the last stop(), or now (a caller summing sub-steps passes
+        now - their total)."""
         if not self.enabled:
             return
-        if self.timed and self.sync:
-            self.sync()
-        dt = time.perf_counter() - t0 if self.timed else 0.0
+        end = getattr(self, "_end", None)
+        self._end = None
+        if end is None and self.timed:
+            if self.sync:
+                self.sync()
+            end = time.perf_counter()
+        dt = end - t0 if self.timed else 0.0
         self.records.append(OpRecord(self.phase, self.step, name, kind, layer, int(flops),
                                      **{k: int(v) for k, v in nbytes.items()}, time_s=dt))
 

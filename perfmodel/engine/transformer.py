@@ -158,6 +158,7 @@ class Transformer:
         y = self.be.matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
         if b is not None:
             y = y + b
+        self.tr.stop()
         if self.tr.enabled:
             rows, (k, n) = numel(x) // x.shape[-1], tuple(w.shape)
             self.tr.record(t0, name, "matmul", layer, 2 * rows * k * n + (rows * n if b is not None else 0),
@@ -170,6 +171,7 @@ class Transformer:
             y = self.be.layernorm(x, w, b, self.spec.norm_eps)
         else:
             y = x * self.be.rsqrt_mean_square(x, self.spec.norm_eps) * w
+        self.tr.stop()
         if self.tr.enabled:
             self.tr.record(t0, name, "elementwise", layer, FLOPS_PER_ELEMENT[self.spec.norm] * numel(x),
                            weight_bytes=self._nb(w, b), act_read_bytes=self._nb(x), act_write_bytes=self._nb(y))
@@ -178,6 +180,7 @@ class Transformer:
     def _add(self, name, layer, x, y):
         t0 = self.tr.start()
         z = x + y
+        self.tr.stop()
         if self.tr.enabled:
             self.tr.record(t0, name, "elementwise", layer, numel(z), act_read_bytes=self._nb(x, y),
                            act_write_bytes=self._nb(z))
@@ -199,6 +202,7 @@ class Transformer:
             h = self.be.layernorm(z, w, b, self.spec.norm_eps)
         else:
             h = z * self.be.rsqrt_mean_square(z, self.spec.norm_eps) * w
+        self.tr.stop()
         if self.tr.enabled:
             self.tr.record(t0, "add_norm", "elementwise", layer,
                            (FLOPS_PER_ELEMENT[self.spec.norm] + FLOPS_PER_ELEMENT["add"]) * numel(z),
@@ -270,6 +274,7 @@ class Transformer:
             weight += self._nb(p)
             x = x + p
             flops = numel(x)
+        self.tr.stop()
         self.tr.record(t0, "embed", "memory", -1, flops, weight_bytes=weight, act_read_bytes=ids.size * 8,
                        act_write_bytes=self._nb(x))
         return x
@@ -295,6 +300,7 @@ class Transformer:
             return x * cos + be.concat([-x[..., half:], x[..., :half]], -1) * sin
 
         q2, k2 = rot(q), rot(k)
+        self.tr.stop()
         self.tr.record(t0, "rope", "elementwise", layer, FLOPS_PER_ELEMENT["rope"] * (numel(q) + numel(k)),
                        act_read_bytes=self._nb(q, k, cos, sin), act_write_bytes=self._nb(q2, k2))
         return q2, k2
@@ -324,6 +330,7 @@ class Transformer:
         t0 = tr.start()
         cache.k[i][:, :, P:P + T] = k
         cache.v[i][:, :, P:P + T] = v
+        tr.stop()
         if tr.enabled:
             tr.record(t0, "kv_write", "memory", i, 0, act_read_bytes=self._nb(k, v),
                       kv_write_bytes=self._nb(cache.k[i][:, :, P:P + T], cache.v[i][:, :, P:P + T]))
@@ -333,18 +340,21 @@ class Transformer:
             kc, vc, alive, stored = cache.read(i, first, P + T)
             if stored:
                 restored = 2 * B * nkv * min(cache.done - first, P + T - first) * d
+                tr.stop()
                 tr.record(t0, "kv_decompress", "memory", i, restored, kv_read_bytes=stored,
                           act_write_bytes=restored * kc.itemsize)
         else:
             kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
         mask = mask[..., first:]
-        if alive is None:  # (query, key) pairs the mask keeps, over all heads and sequences
+        pairs = 0  # counted only when traced
+        if tr.enabled and alive is None:  # (query, key) pairs the mask keeps, over all heads and sequences
             pairs = int(mask.sum()) * nq
-        else:  # evicted keys too are out of reach, per KV head
+        elif tr.enabled:  # evicted keys too are out of reach, per KV head
             pairs = int((mask & alive[:, :, None, :]).sum()) * (nq // nkv)
         if self.flash:
             t0 = tr.start()
             out = be.sdpa(q, kc, vc, be.torch.as_tensor(mask, device=be.device), nkv != nq)  # q pre-scaled
+            tr.stop()
             tr.record(t0, "attention", "attention", i, pairs * (4 * d + FLOPS_PER_ELEMENT["softmax"]),
                       act_read_bytes=self._nb(q), kv_read_bytes=self._nb(kc, vc), act_write_bytes=self._nb(out))
         else:
@@ -378,6 +388,7 @@ class Transformer:
         kc, vc = cache.k[i][:, :, first:P + T], cache.v[i][:, :, first:P + T]
         m = mask[..., first:]
         out = be.sdpa(q, kc, vc, be.torch.as_tensor(m, device=be.device), nkv != nq)
+        tr.stop()
         if tr.enabled:
             pairs = int(m.sum()) * nq
             tables = self._nb(*self._rope_tables) if s.positions == "rope" else 0
@@ -444,12 +455,14 @@ class Transformer:
             act = be.silu(g) if self.spec.activation == "silu" else be.gelu(g)
             y = act * u
             kind = "silu_mul" if self.spec.activation == "silu" else "gelu_mul"
+            tr.stop()
             tr.record(t0, f"{prefix}act_mul", "elementwise", i, FLOPS_PER_ELEMENT[kind] * numel(y),
                       act_read_bytes=self._nb(g, u), act_write_bytes=self._nb(y))
             return self._linear(f"{prefix}down_proj", i, y, lw.down)
         u = self._linear(f"{prefix}up_proj", i, h, lw.up, lw.up_b)
         t0 = tr.start()
         y = be.gelu(u)
+        tr.stop()
         tr.record(t0, f"{prefix}act", "elementwise", i, FLOPS_PER_ELEMENT["gelu"] * numel(y),
                   act_read_bytes=self._nb(u), act_write_bytes=self._nb(y))
         return self._linear(f"{prefix}down_proj", i, y, lw.down, lw.down_b)
@@ -472,6 +485,7 @@ class Transformer:
             f, act = w.shape[-1], "gelu"
             out = be.gelu(y)
             name = name or f"{prefix}up_act_proj"
+        tr.stop()
         if tr.enabled:
             rows = numel(h) // h.shape[-1]
             tr.record(t0, name, "matmul", i, 2 * rows * h.shape[-1] * w.shape[-1] + (rows * f if b is not None else 0)
@@ -489,6 +503,7 @@ class Transformer:
         t0 = tr.start()
         top, idx = be.topk(logits, k)
         gate_w = be.softmax(top)
+        tr.stop()
         tr.record(t0, "router_topk", "elementwise", i, FLOPS_PER_ELEMENT["softmax"] * numel(logits),
                   act_read_bytes=self._nb(logits), act_write_bytes=self._nb(gate_w) + numel(idx) * 8)
         idx_np = np.asarray(be.to_numpy(idx) if be.name == "torch" else idx).astype(np.int64)
@@ -503,6 +518,7 @@ class Transformer:
             t0 = tr.start()
             outs = [fn(e, *ins) for (e, _), ins in zip(groups, inputs)]
             flops = sum(2 * numel(ins[0]) * (lw.experts[e][wsel].shape[-1]) for (e, _), ins in zip(groups, inputs))
+            tr.stop()
             tr.record(t0, name, kind, i, flops, weight_bytes=sum(self._nb(lw.experts[e][wsel]) for e, _ in groups),
                       act_read_bytes=sum(self._nb(*ins) for ins in inputs), act_write_bytes=self._nb(*outs))
             return outs
@@ -514,6 +530,7 @@ class Transformer:
             ys = [self._gate_up(i, a, gu) for a, gu in zip(xs, gus)]
             tr.enabled = enabled
             f = s.moe_intermediate_size
+            tr.stop()
             tr.record(t0, "expert_gate_up", "matmul", i, sum(numel(a) * 2 * 2 * f + FLOPS_PER_ELEMENT["silu_mul"]
                                                              * numel(y) for a, y in zip(xs, ys)),
                       weight_bytes=self._nb(*gus), act_read_bytes=self._nb(*xs), act_write_bytes=self._nb(*ys))
@@ -522,6 +539,7 @@ class Transformer:
             us = per_expert("expert_up", lambda e, a: be.matmul(a, lw.experts[e][1]), [(a,) for a in xs], 1)
             t0 = tr.start()
             ys = [be.silu(g) * u for g, u in zip(gs, us)]
+            tr.stop()
             tr.record(t0, "expert_act_mul", "elementwise", i,
                       FLOPS_PER_ELEMENT["silu_mul"] * sum(numel(y) for y in ys),
                       act_read_bytes=self._nb(*gs, *us), act_write_bytes=self._nb(*ys))
@@ -534,6 +552,7 @@ class Transformer:
             scaled = dn * be.take(w_flat, sel)[:, None]
             out = index_add(be, out, be.index_array(a // k), scaled)
         routed = len(flat)
+        tr.stop()
         tr.record(t0, "moe_combine", "elementwise", i, 2 * routed * hd,
                   act_read_bytes=self._nb(*ds) + routed * self._nb(w_flat) // max(numel(w_flat), 1),
                   act_write_bytes=self._nb(out))

@@ -112,6 +112,7 @@ def dispatch_overheads(backend: str, dtype: str = "fp32") -> tuple[dict, dict, d
     structures, with and without FlashAttention on torch): the fixed cost of one call, per operator name and
     per operator kind. Also the host terms of a forward: glue (untraced wall minus the traced operators' sum,
     fitted as per step + per layer over two depths) and the tracer's own cost per recorded operator."""
+    from perfmodel.costmodel.operators import op_variant
     from perfmodel.engine.backend import make_backend
     from perfmodel.engine.tracer import Tracer
     from perfmodel.engine.transformer import KVCache, Transformer
@@ -151,6 +152,9 @@ def dispatch_overheads(backend: str, dtype: str = "fp32") -> tuple[dict, dict, d
                                 for r in new:
                                     by_name.setdefault(r.name, []).append(r.time_s)
                                     by_kind.setdefault(r.kind, []).append(r.time_s)
+                                    variant = op_variant(sp, r.name)
+                                    if variant:
+                                        by_name.setdefault(f"{r.name}:{variant}", []).append(r.time_s)
                         tr.clear()
                     wall, ops = statistics.median(walls), statistics.median(sums)
                     glue_rows.append((layers, wall - ops))
