@@ -105,6 +105,22 @@ def test_compute_dtype_rule():
     assert resolve_compute_dtype(Precision(weights="nvfp4", compute="fp8"), b200, native) == "fp8"  # explicit wins
 
 
+def test_native_fp4_speeds_matmuls_not_attention():
+    from perfmodel.costmodel.operators import Precision, phase_ops
+    from perfmodel.costmodel.roofline import op_timing
+    from perfmodel.specs import load_hardware, load_model
+
+    b200, m = load_hardware("b200"), load_model("llama-3.1-8b")
+    ops = {o.name: o for o in phase_ops(m, 8, 2048, 0, Precision(weights="nvfp4"))}
+    deq = Precision(weights="nvfp4")
+    native = Precision(weights="nvfp4", compute="fp4")
+    up = ops["up_proj"]
+    ratio = b200.peak_tflops["fp4"] / b200.peak_tflops["bf16"]
+    assert op_timing(up, b200, deq).compute_s == pytest.approx(ratio * op_timing(up, b200, native).compute_s)
+    assert op_timing(ops["attention"], b200, native).compute_s == op_timing(ops["attention"], b200, deq).compute_s
+    assert up.weight_bytes == tensor_bytes(m.hidden_size * m.intermediate_size, "nvfp4")
+
+
 def test_block_formats_are_not_activation_dtypes():
     from perfmodel.costmodel.operators import Precision
     from perfmodel.errors import PerfmodelError

@@ -38,8 +38,10 @@ class OpTiming:
 
 def compute_roof(hw: HardwareSpec, kind: str, precision: Precision) -> float:
     """Peak FLOP/s an operator kind can use: tensor units for matmuls and attention, vector units otherwise."""
-    if kind in ("matmul", "attention"):
+    if kind == "matmul":  # weight GEMMs: natively at fp8/fp4 where resolved so, else the activation dtype
         return hw.peak_flops(precision.compute_dtype)
+    if kind == "attention":  # QK^T and attention*V multiply activations
+        return hw.peak_flops(precision.activations)
     return hw.vector_tflops * 1e12
 
 
