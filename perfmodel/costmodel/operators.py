@@ -108,6 +108,7 @@ class Op:
     group: str = "layer"  # layer | embed | head | host
     host_s: float = 0.0  # kind "host" only: seconds of host time (launches, glue), no FLOPs or bytes
     variant: str = ""  # how this model implements the operator (op_variant): the key of its dispatch cost
+    calls: object = 1  # kernel calls it makes (the blocked attention kernel: one per sequence, KV head, block)
     link_bytes: object = 0  # kind "comm" only: bytes one call moves over the interconnect
     comm_s: object = 0.0  # kind "comm" only: seconds of one call on the link
 
@@ -328,14 +329,15 @@ class _Builder:
         kv_bytes = batch * key_reads * kv_read_per_key  # each query block reads its band of K and V
         k_share = kv_bytes * d_qk // (d_qk + d_v) if not self.m.is_mla else kv_bytes
         v_share = kv_bytes - k_share if not self.m.is_mla else kv_bytes
+        blocks = -(-np.asarray(new) // ATTN_BLOCK)
         qk = Op(f"{prefix}qk{suffix}", "attention", layers, pairs * 2 * d_qk, act_read_bytes=q_bytes,
-                act_write_bytes=scores, min_dim=np.minimum(new, d_qk))
+                act_write_bytes=scores, min_dim=np.minimum(new, d_qk), calls=batch * n_kv * blocks)
         av = Op(f"{prefix}av{suffix}", "attention", layers, pairs * 2 * d_v, act_read_bytes=scores,
-                act_write_bytes=out_bytes, min_dim=np.minimum(new, d_v))
+                act_write_bytes=out_bytes, min_dim=np.minimum(new, d_v), calls=batch * n_kv * blocks)
         setattr(qk, kv_field, getattr(qk, kv_field) + k_share)
         setattr(av, kv_field, getattr(av, kv_field) + v_share)
         sm = Op(f"{prefix}softmax{suffix}", "elementwise", layers, softmax_flops, weight_bytes=sink_bytes,
-                act_read_bytes=scores, act_write_bytes=scores)
+                act_read_bytes=scores, act_write_bytes=scores, calls=blocks)
         self.ops += [qk, sm, av]
 
 

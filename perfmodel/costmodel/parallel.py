@@ -94,7 +94,7 @@ def split_ops(ops: list[Op], par: Parallelism, model: ModelSpec) -> list[Op]:
                       act_write_bytes=op.act_write_bytes / div if div > 1 else op.act_write_bytes,
                       kv_write_bytes=op.kv_write_bytes / div if div > 1 else op.kv_write_bytes,
                       min_dim=op.min_dim, group=op.group, host_s=op.host_s, link_bytes=op.link_bytes,
-                      comm_s=op.comm_s, variant=op.variant))
+                      comm_s=op.comm_s, variant=op.variant, calls=op.calls))
     return out
 
 

@@ -45,6 +45,22 @@ def compute_roof(hw: HardwareSpec, kind: str, precision: Precision) -> float:
     return hw.vector_tflops * 1e12
 
 
+def efficiency_group(op: Op):
+    """The operator's efficiency group: its kind, except that a matmul of one row (decode at batch 1) is a
+    "gemv": BLAS runs it as a matrix-vector product that streams the weights once, while from two rows on it
+    packs the weights into panels first, which on a CPU costs about a second pass over them."""
+    if op.kind == "matmul" and op.min_dim is not None:
+        return np.where(np.asarray(op.min_dim) == 1, "gemv", "matmul")
+    return np.asarray(op.kind)
+
+
+def _kind_multiplier(table: dict, op: Op):
+    base = table.get(op.kind, 1.0)
+    if op.kind == "matmul" and "gemv" in table and op.min_dim is not None:
+        return np.where(np.asarray(op.min_dim) == 1, table["gemv"], base)
+    return base
+
+
 def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "eager",
               footprint=None) -> OpTiming:
     """footprint: the forward pass's weight bytes (the reuse distance of weights and KV reads; None: they
@@ -54,14 +70,14 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
         return OpTiming(op, np.zeros(()), np.zeros(()), float(op.host_s))
     if op.kind == "comm":  # the link's time: bandwidth and latency from the hardware YAML (costmodel.parallel)
         return OpTiming(op, np.zeros(()), np.asarray(op.comm_s, dtype=np.float64), 0.0)
-    c_eff = eff.compute * eff.kind_compute.get(op.kind, 1.0)
+    c_eff = eff.compute * _kind_multiplier(eff.kind_compute, op)
     if op.kind in ("matmul", "attention") and eff.matmul_half_dim and op.min_dim is not None:
         d = np.asarray(op.min_dim, dtype=np.float64)
         c_eff = c_eff * d / (d + eff.matmul_half_dim)
     m_eff = eff.memory
     if op.kind in ("elementwise", "memory") and eff.elementwise_memory:
         m_eff = eff.elementwise_memory
-    m_eff = m_eff * eff.kind_memory.get(op.kind, 1.0)
+    m_eff = m_eff * _kind_multiplier(eff.kind_memory, op)
     if op.kind == "matmul" and eff.matmul_half_bytes:
         b = np.asarray(op.bytes, dtype=np.float64)
         m_eff = m_eff * b / (b + eff.matmul_half_bytes)
@@ -72,7 +88,12 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
     per_call = eff.op_overhead_map_us.get(f"{op.name}:{op.variant}") if op.variant else None
     if per_call is None:
         per_call = eff.op_overhead_map_us.get(op.name, eff.kind_overhead_us.get(op.kind, eff.op_overhead_us))
-    overhead = (hw.launch_overhead_us + per_call) * 1e-6
+    if eff.kind_overhead_scale:
+        scale = eff.kind_overhead_scale
+        key = f"{op.name}:{op.variant}" if op.variant else op.name
+        per_call = per_call * (scale[key] if key in scale else scale.get(op.name, _kind_multiplier(scale, op)))
+    # an operator made of several kernel calls (the blocked attention's matrix products) dispatches each
+    overhead = (hw.launch_overhead_us + per_call * np.asarray(op.calls, dtype=np.float64)) * 1e-6
     return OpTiming(op, compute_s, memory_s, overhead)
 
 

@@ -61,7 +61,7 @@ def _decode_coefficients(model, hw, p, flash, batch_u, at, exec_mode, par=None):
     stack = lambda ts, f: np.stack([np.broadcast_to(getattr(t, f), shape) for t in ts])  # noqa: E731
     c0, m0 = stack(t0, "compute_s"), stack(t0, "memory_s")
     c1, m1 = stack(t1, "compute_s") - c0, stack(t1, "memory_s") - m0
-    over = np.array([t.overhead_s for t in t0])[:, None]
+    over = stack(t0, "overhead_s")  # per batch: a blocked kernel dispatches per sequence
     floor = np.array([t.floor_s for t in t0])[:, None] * np.ones(shape)
     layers = np.array([t.op.layers for t in t0], dtype=np.float64)[:, None]
     return c0 - c1 * at, c1, m0 - m1 * at, m1, floor, over, layers
@@ -94,7 +94,7 @@ def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode, par=None):
     span = 2.0 ** 40  # key = batch index * span + past, exact in float64
     for j in range(len(batch_u)):
         starts, a, b = (np.concatenate(x) for x in zip(*(
-            _pieces(*(c[:, j] for c in cf[:5]), cf[5][:, 0], cf[6][:, 0], lo, hi)
+            _pieces(*(c[:, j] for c in cf[:5]), cf[5][:, j], cf[6][:, 0], lo, hi)
             for cf, (lo, hi) in zip(coeffs, segments))))
         # F at the end of each piece, accumulated: F(start_k - 1) for piece k
         ends = np.append(starts[1:] - 1, starts[-1])

@@ -41,6 +41,9 @@ class Efficiency:
     # Host time of one eager forward pass outside its operators (the glue between them): per step and per layer.
     step_overhead_us: float = 0.0
     layer_overhead_us: float = 0.0
+    # Per efficiency group (an operator kind, or "gemv" for one-row matmuls): a multiplier on the per-call
+    # dispatch cost measured on tiny tensors, fitted on real-size operators whose data is not in cache.
+    kind_overhead_scale: dict = field(default_factory=dict)
     # Per operator kind: multipliers on the compute and memory efficiency (fitted by calibration; 1 if absent).
     kind_compute: dict = field(default_factory=dict)
     kind_memory: dict = field(default_factory=dict)

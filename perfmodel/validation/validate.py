@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from perfmodel.costmodel.operators import Precision, phase_ops
-from perfmodel.costmodel.roofline import op_timings
+from perfmodel.costmodel.roofline import efficiency_group, op_timings
 from perfmodel.specs.hardware import HardwareSpec
 from perfmodel.validation.counts import FIELDS, engine_totals, op_totals
 
@@ -284,7 +284,8 @@ class Runner:
                         "exec": case.exec, "batch": case.batch, "phase": phase, "context": past + new, "op": name,
                         "kind": t.op.kind, "flops": model_counts["flops"],
                         "bytes": sum(model_counts[f] for f in FIELDS[1:]), "bound": str(t.bound),
-                        "layers": t.op.layers, "measured_s": per_op.get(name, float("nan")),
+                        "layers": t.op.layers, "group": str(efficiency_group(t.op)), "variant": t.op.variant,
+                        "measured_s": per_op.get(name, float("nan")),
                         "predicted_s": float(t.time_s) * t.op.layers,
                         "predicted_overhead_s": float(t.overhead_s) * t.op.layers})
                 for name in set(per_op) - set(by_name):
