@@ -143,3 +143,15 @@ def test_cli_exec_and_framework(capsys):
     assert "--exec" in capsys.readouterr().err
     assert main(["frameworks", "--format", "csv"]) == 0
     assert "tensorrt-llm" in capsys.readouterr().out
+
+
+def test_framework_precision_checks_formats_and_picks_native_compute():
+    from perfmodel.frameworks import framework_precision
+
+    p = Precision("fp8", "bf16", "bf16")
+    assert framework_precision(p, H100, load_framework("vllm")).compute_dtype == "fp8"  # native fp8 GEMMs
+    a100 = load_hardware("a100-80gb")  # no fp8 tensor cores: a dequantising GEMM at bf16
+    assert framework_precision(p, a100, load_framework("vllm")).compute_dtype == "bf16"
+    with pytest.raises(PerfmodelError, match="llama.cpp"):
+        framework_precision(p, H100, load_framework("llama.cpp"))
+    assert framework_precision(p, H100, None) is p

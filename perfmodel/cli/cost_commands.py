@@ -8,7 +8,7 @@ import typer
 
 from perfmodel.cli.app import app
 from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
-from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime
+from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime, runtime_precision
 from perfmodel.errors import PerfmodelError, bad_value
 from perfmodel.output import atomic_write, check_format, emit, print_table, seconds, si
 
@@ -44,6 +44,7 @@ def analyze(
     check_format(format)
     precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
     hw, mode, prof = runtime(load_hardware(hardware).with_efficiency(efficiency), exec, framework)
+    precision = runtime_precision(precision, hw, prof)
     method = KVMethod.parse(kv_prune)
     from perfmodel.costmodel.parallel import Parallelism
 
@@ -155,7 +156,8 @@ def sweep_cmd(
     models_ = [load_model(x) for x in name_list(model)]
     resolved = [runtime(load_hardware(x), exec, framework) for x in name_list(hardware)]
     hws, mode = [r[0] for r in resolved], resolved[0][1]
-    precision = Precision(weight_dtype or dtype, dtype, kv_dtype or dtype)
+    precision = runtime_precision(Precision(weight_dtype or dtype, dtype, kv_dtype or dtype), hws[0],
+                                  resolved[0][2])
     grid = (int_list("--batch", batch), int_list("--input", input), int_list("--output", output))
     with Progress(transient=True, disable=format != "table") as prog:
         task = prog.add_task("sweeping", total=len(models_) * len(hws) * len(int_list("--tp", tp)))

@@ -8,7 +8,7 @@ import typer
 
 from perfmodel.cli.app import app
 from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
-from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime
+from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime, runtime_precision
 from perfmodel.errors import PerfmodelError, bad_value
 from perfmodel.output import check_format, console, emit, print_table, seconds, si
 
@@ -65,9 +65,10 @@ def plan(
     if not m.is_decoder_only:
         raise PerfmodelError(f"--model: plan serves decoder-only models; {m.name} is {m.architecture} "
                              "(use analyze for its request cost)")
-    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
+    hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
     result = run_plan(m, hw, PlanInput(np.asarray(inp), np.asarray(out), rate),
-                      check_slo(SLO(ttft, tpot, percentile)), _precision(dtype, weight_dtype, kv_dtype), max_tp, max_pp,
+                      check_slo(SLO(ttft, tpot, percentile)),
+                      runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof), max_tp, max_pp,
                       exec_mode=mode)
     if emit(format, result, result["options"]):
         return
@@ -126,8 +127,9 @@ def simulate(
     m = load_model(model)
     par = Parallelism(tp=tp, pp=pp)
     par.check(m)
-    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
-    dep = Deployment(m, hw, par, _precision(dtype, weight_dtype, kv_dtype), exec_mode=mode)
+    hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
+    dep = Deployment(m, hw, par, runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof),
+                     exec_mode=mode)
     r = run_sim(dep, reqs, SchedulerConfig(max_batch, block_tokens, chunked_prefill), ttft, tpot)
     rows = [{"metric": k, "p50": r[k]["p50"], "p90": r[k]["p90"], "p99": r[k]["p99"]} for k in ("ttft_s", "tpot_s", "e2e_s")]
     if emit(format, r, rows):
@@ -160,7 +162,7 @@ def speculative(
     except ValueError:
         raise bad_value("--alpha", alpha, "numbers in [0, 1], comma-separated") from None
     t, d = load_model(model), load_model(draft)
-    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
+    hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
     rows = [run(t, d, hw, a, g, context, batch, exec_mode=mode) for a in alphas for g in int_list("--gamma", gamma)]
     if emit(format, rows):
         return
@@ -190,7 +192,8 @@ def compare(
     m = load_model(model)
     resolved = [runtime(load_hardware(h), exec, framework) for h in name_list(hardware)]
     hws, mode = [r[0] for r in resolved], resolved[0][1]
-    res = run(m, hws, input, output, batch, _precision(dtype, weight_dtype, kv_dtype),
+    res = run(m, hws, input, output, batch,
+              runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hws[0], resolved[0][2]),
               out_dir or Path("reports") / f"compare-{m.name}", exec_mode=mode)
     if emit(format, res, res["rows"]):
         return
@@ -227,8 +230,9 @@ def report(
 
     check_format(format)
     m = load_model(model)
-    hw, mode, _ = runtime(load_hardware(hardware), exec, framework)
-    a = run_analysis(m, hw, Workload(batch, input, output), _precision(dtype, weight_dtype, kv_dtype), flash,
+    hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
+    a = run_analysis(m, hw, Workload(batch, input, output),
+                     runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof), flash,
                      exec_mode=mode)
     plan_result = None
     if m.is_decoder_only:

@@ -15,3 +15,9 @@ def runtime(hw, exec_mode: str | None, framework: str | None):
     from perfmodel.frameworks import resolve_runtime
 
     return resolve_runtime(hw, exec_mode, framework)
+
+
+def runtime_precision(precision, hw, prof):
+    from perfmodel.frameworks import framework_precision
+
+    return framework_precision(precision, hw, prof)

@@ -148,7 +148,7 @@ class Analysis:
                 "workload": {"batch": self.workload.batch, "input": self.workload.input_tokens,
                              "output": self.workload.output_tokens},
                 "precision": {"weights": self.precision.weights, "activations": self.precision.activations,
-                              "kv_cache": self.precision.kv_cache},
+                              "kv_cache": self.precision.kv_cache, "compute": self.precision.compute_dtype},
                 "flash_attention": self.flash, "exec_mode": self.exec_mode,
                 "parallelism": {"tp": self.parallelism.tp, "pp": self.parallelism.pp, "ep": self.parallelism.ep,
                                 "devices": self.parallelism.devices},

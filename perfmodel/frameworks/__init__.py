@@ -208,3 +208,22 @@ def resolve_runtime(hw: HardwareSpec, exec_mode: str | None, framework: str | No
     prof = load_framework(framework) if framework else None
     mode = check_exec_mode(exec_mode) if exec_mode else (prof.exec_mode if prof else DEFAULT_EXEC)
     return (apply_framework(hw, prof) if prof else hw), mode, prof
+
+
+def framework_precision(precision, hw: HardwareSpec, prof: FrameworkProfile | None):
+    """The precision as the framework runs it: its weight and KV formats must be ones it supports, and the
+    weight matmuls run natively on fp8/fp4 tensor cores where the framework and the hardware both have them,
+    else as a dequantising GEMM at the activation dtype (perfmodel.dtypes.resolve_compute_dtype)."""
+    if prof is None:
+        return precision
+    import dataclasses
+
+    from perfmodel.dtypes import resolve_compute_dtype
+
+    if prof.weight_formats and precision.weights not in prof.weight_formats:
+        raise bad_value(f"--weight-dtype (framework {prof.name})", precision.weights, "|".join(prof.weight_formats))
+    if prof.kv_formats and precision.kv_cache not in prof.kv_formats:
+        raise bad_value(f"--kv-dtype (framework {prof.name})", precision.kv_cache, "|".join(prof.kv_formats))
+    if precision.compute:
+        return precision
+    return dataclasses.replace(precision, compute=resolve_compute_dtype(precision, hw, prof.native_compute))
