@@ -211,19 +211,24 @@ def compiled_overheads(progress=None) -> dict:
     return out
 
 
+CALIBRATION_MODEL = str(Path(__file__).with_name("calib-llama-640.yaml"))
+
+
 def _calibration_cases(backend: str, dtype: str = "fp32"):
-    """Full-depth-like cases whose weights stream from DRAM, at widths (1024, 2048), batches (2, 3, 8) and
+    """Full-depth cases whose weights stream from DRAM, at widths (640, 1024, 2048), batches (2, 3, 8) and
     contexts the validation grid does not use; random weights."""
     from perfmodel.validation.validate import Case
 
     flash = backend == "torch"
-    return [Case("gpt2-medium", 8, backend, dtype, 2, 96, (97, 700), flash),
-            Case("gpt2-medium", 8, backend, dtype, 8, 24, (300,), flash),
+    c = CALIBRATION_MODEL
+    return [Case(c, None, backend, dtype, 1, 40, (300, 1500, 2500), flash),
+            Case(c, None, backend, dtype, 3, 96, (700,), flash),
+            Case(c, None, backend, dtype, 8, 0, (200,), flash),
+            Case(c, None, backend, dtype, 1, 200, (900, 3000), flash, exec="fused-eager"),
+            Case("gpt2-medium", 8, backend, dtype, 2, 96, (97, 700), flash),
             Case("gpt2-medium", 8, backend, dtype, 1, 0, (161, 1000), flash),
             Case("smollm2-1.7b", 2, backend, dtype, 3, 40, (41, 1500), flash),
-            Case("smollm2-1.7b", 2, backend, dtype, 1, 200, (300, 2500), flash),
-            Case("smollm2-1.7b", 2, backend, dtype, 1, 0, (700,), flash, exec="fused-eager"),
-            Case("gpt2-medium", 8, backend, dtype, 1, 0, (161, 1000), flash, exec="fused-eager")]
+            Case("smollm2-1.7b", 2, backend, dtype, 1, 0, (700,), flash, exec="fused-eager")]
 
 
 def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=None, loaded: dict | None = None) -> dict:

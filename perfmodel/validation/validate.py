@@ -47,7 +47,8 @@ class Case:
     def label(self) -> str:
         depth = f"x{self.layers}L" if self.layers else ""
         ex = "" if self.exec == "eager" else f"/{self.exec}"
-        return (f"{self.model}{depth} {self.backend}/{self.dtype}{'/flash' if self.flash else ''}{ex} "
+        name = self.model.rsplit("/", 1)[-1].removesuffix(".yaml")
+        return (f"{name}{depth} {self.backend}/{self.dtype}{'/flash' if self.flash else ''}{ex} "
                 f"b{self.batch}" + (f" p{self.prompt}" if self.prompt else ""))
 
     @property
