@@ -3,7 +3,7 @@
 import pytest
 
 from perfmodel.dtypes import DTYPES, bytes_per_element, elements_bytes, get_dtype, tensor_bytes
-from tests.conftest import has, needs_weights
+from conftest import has, needs_weights
 
 # (elements per block, bytes per block) as published:
 # GGUF: ggml-org/llama.cpp ggml/src/ggml-common.h (block_q4_0 ... block_q6_K and their static_asserts);
