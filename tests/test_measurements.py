@@ -160,6 +160,55 @@ def test_holdout_report_improves_held_out_rows(builtin, evaluated):
     # the fitted numbers help where the framework's kernels differ most from the library's defaults
     for key in [("vllm", "e2e_s"), ("tensorrt-llm", "ttft_s")]:
         assert after[key]["median_abs_pct"] < before[key]["median_abs_pct"]
+    # the issue's bar: every framework with at least 10 held-out rows within 15 % median |error| after the fit
+    for fw in {k[0] for k in after}:
+        r = after.get((fw, pm.ALL_METRICS)) or next(v for k, v in after.items() if k[0] == fw)
+        if r["n"] >= 10:
+            assert r["median_abs_pct"] <= 15.0, (fw, r)
+
+
+def test_gguf_mix_bytes_match_the_published_files():
+    """Q4_K_M as llama.cpp builds it (Q6_K output, Q6_K attn_v/ffn_down in use_more_bits layers, Q5_K attn_v on
+    70B): the weight bytes the rows predict with, against the file sizes the source prints (4.58 and 39.59 GiB)."""
+    from perfmodel.costmodel.operators import Precision, phase_ops
+
+    for name, gib in (("llama-3.1-8b", 4.58), ("llama-3.1-70b", 39.59)):
+        m = load_model(name)
+        f = pm.gguf_mix_factors(m, "q4_k_m")
+        ops = phase_ops(m, 1, 1, 0, Precision("q4_k", "fp16", "fp16"), True, phase="decode")
+        total = sum(float(o.weight_bytes) * o.layers * f.get(o.name, 1.0) for o in ops
+                    if o.kind == "matmul" or o.name == "embed")
+        total += m.vocab_size * m.hidden_size * 0.5625 - sum(  # the whole embedding table, not the one row read
+            float(o.weight_bytes) for o in ops if o.name == "embed")
+        assert total / 2**30 == pytest.approx(gib, rel=0.01), name
+
+
+def test_rows_contradicting_their_source_are_listed(builtin, evaluated):
+    """A 16-bit prefill slower than the same run's block-quantised one is listed with the reason, not predicted."""
+    _, unexpressed = evaluated
+    listed = {u["row"]: u["reason"] for u in unexpressed if u["reason"].startswith("contradicts its source")}
+    assert set(listed) == set(pm.contradicted_rows(builtin))
+    for row in listed:  # each names the 16-bit row's weights and the faster quantised row of the same run
+        r = builtin[builtin["row"] == row].iloc[0]
+        assert r["weight_dtype"] in ("fp16", "bf16") and r["metric"] == "prefill_tokens_per_s"
+    pair = builtin[builtin["row"] == 302].copy()  # rtx-4090 fp16 pp512, faster than its Q4_K_M row 298
+    assert pm.contradicted_rows(pd.concat([pair, builtin[builtin["row"] == 298]])) == {}
+    pair["value"] = "100"
+    assert set(pm.contradicted_rows(pd.concat([pair, builtin[builtin["row"] == 298]]))) == {302}
+
+
+def test_llama_cpp_gemms_run_at_the_fp16_accumulate_peak():
+    """llama.cpp's cuBLAS GEMMs accumulate in fp16: GeForce boards run them at twice their fp32-accumulate peak;
+    hardware that lists no such rate keeps its fp16 peak; a framework without the flag changes nothing."""
+    from perfmodel.frameworks import apply_framework, hardware_family, load_framework
+
+    lcpp, vllm = load_framework("llama.cpp"), load_framework("vllm")
+    g = load_hardware("rtx-4090")
+    assert apply_framework(g, lcpp).peak_flops("fp16") == pytest.approx(2 * g.peak_flops("fp16"), rel=0.01)
+    assert apply_framework(g, vllm).peak_flops("fp16") == g.peak_flops("fp16")
+    a100 = load_hardware("a100-80gb")
+    assert apply_framework(a100, lcpp).peak_flops("fp16") == a100.peak_flops("fp16")
+    assert hardware_family(g) == "geforce" and hardware_family(a100) == "ampere"
 
 
 def test_cli_builtin_json(capsys):
@@ -198,11 +247,12 @@ def test_written_profile_reproduces_the_fit(builtin, evaluated, tmp_path):
     checked = 0
     for r in rows:
         e = r.e
-        if e.decode_only or e.metric != "prefill_tokens_per_s":
-            continue
+        if e.decode_only or e.metric != "prefill_tokens_per_s" or e.mix:
+            continue  # analyze has one weight format: a GGUF mix's heavier tensors are the fit's own
         a = analyze(e.model, apply_framework(e.hw, prof), Workload(1, e.input_tokens, 1), e.precision,
                     exec_mode=prof.exec_mode)
-        assert r.predict(plain) == pytest.approx(e.input_tokens / a.request["ttft_s"], rel=1e-6)
+        # the profile holds each machine's multipliers as products rounded to 4 decimals
+        assert r.predict(plain) == pytest.approx(e.input_tokens / a.request["ttft_s"], rel=1e-3)
         checked += 1
     assert checked >= 5
 

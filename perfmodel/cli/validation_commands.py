@@ -291,6 +291,12 @@ def _validate_published(path, framework, fit, out_dir, format):
                  for fw, p in rep["fitted"].items()], title="fitted numbers (fit half)",
                 columns={"framework": ("framework", str), **{k: (k.replace("_", " "), lambda v: f"{v:.4g}")
                                                                 for k in keys}, "n": ("rows", str)})
+    levels = [{"framework": fw, "level": lv, "key": k, "compute": t["compute"], "memory": t["memory"]}
+              for fw, p in rep["fitted"].items() for lv in pm.LEVELS for k, t in p[f"{lv}_efficiency"].items()]
+    if levels:
+        print_table(levels, title="per hardware family and machine: multipliers on the framework-wide ones",
+                    columns={"framework": ("framework", str), "level": ("level", str), "key": ("key", str),
+                             "compute": ("compute", lambda v: f"{v:.3g}"), "memory": ("memory", lambda v: f"{v:.3g}")})
     by_reason: dict[str, list[int]] = {}
     for u in unexpressed:
         by_reason.setdefault(u["reason"], []).append(u["row"])

@@ -9,6 +9,8 @@ A profile (perfmodel/frameworks/<name>.yaml) separates the framework's efficienc
 - `host_overhead_us`: host time per serving step outside the forward pass (scheduler, input preparation,
   sampling, detokenisation), per hardware family like the efficiencies;
 - `kv_block_tokens`, `weight_formats`, `kv_formats`, `native_compute` (formats its GEMMs run natively);
+- `fp16_accumulate`: its fp16 GEMMs accumulate in fp16, so they run at the hardware's `fp16_acc16` peak where the
+  hardware lists one (GeForce boards: twice their fp32-accumulate rate);
 - `provenance`: where every figure comes from (a source, or "fitted" with the fit's data and date).
 `apply_framework(hw, profile)` is the hardware as that framework sees it; `resolve_runtime` turns the CLI's
 --framework / --exec into (hardware, exec mode, profile) for every command.
@@ -30,8 +32,13 @@ from perfmodel.specs.hardware import HardwareSpec
 
 KINDS = ("matmul", "attention", "elementwise", "memory")
 
-# hardware library names -> family (the most specific efficiency key a profile may give)
+# hardware library names -> family (the most specific efficiency key a profile may give); the first family whose
+# prefix matches wins. GeForce boards are a family of their own beside the datacenter parts of their architecture:
+# their fp16/bf16 tensor math accumulates in fp32 at half rate (the library's peaks), in fp16 at the full rate
+# (which llama.cpp's cuBLAS GEMMs use), with GDDR memory and consumer clocks and power, so a framework's efficiency
+# against the library's figures differs from an A100's or an L40S's.
 FAMILIES = {
+    "geforce": ("rtx-2080", "rtx-3090", "rtx-4090", "rtx-5090"),
     "hopper": ("h100", "h200", "h20", "gh200"),
     "blackwell": ("b200", "b300", "gb200", "gb300", "rtx-5090", "rtx-pro"),
     "ada": ("l4", "l40", "l20", "rtx-4090", "rtx-6000-ada"),
@@ -64,6 +71,7 @@ class FrameworkProfile:
     weight_formats: tuple[str, ...] = ()
     kv_formats: tuple[str, ...] = ()
     native_compute: tuple[str, ...] = ()
+    fp16_accumulate: bool = False
     provenance: dict = field(default_factory=dict)
     path: str = ""
 
@@ -100,7 +108,7 @@ def profile_from_dict(d: dict, where: str) -> FrameworkProfile:
     if not isinstance(d, dict):
         raise PerfmodelError(f"{where}: expected a YAML mapping of fields")
     allowed = {"name", "description", "version", "exec", "efficiency", "host_overhead_us", "kv_block_tokens",
-               "weight_formats", "kv_formats", "native_compute", "provenance"}
+               "weight_formats", "kv_formats", "native_compute", "fp16_accumulate", "provenance"}
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise PerfmodelError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
@@ -136,6 +144,9 @@ def profile_from_dict(d: dict, where: str) -> FrameworkProfile:
     for fam, v in host.items():
         if v != 0:
             _num(f"{where}: host_overhead_us.{fam}", v, 0.0, 1e7)
+    acc16 = d.get("fp16_accumulate", False)
+    if not isinstance(acc16, bool):
+        raise bad_value(f"{where}: fp16_accumulate", acc16, "true|false")
     blocks = d.get("kv_block_tokens", 16)
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 4096:
         raise bad_value(f"{where}: kv_block_tokens", blocks, "an integer in 1..4096")
@@ -143,7 +154,7 @@ def profile_from_dict(d: dict, where: str) -> FrameworkProfile:
                             version=str(d.get("version", "")), efficiency=eff, host_overhead_us=dict(host),
                             kv_block_tokens=blocks, weight_formats=tuple(d.get("weight_formats") or ()),
                             kv_formats=tuple(d.get("kv_formats") or ()),
-                            native_compute=tuple(d.get("native_compute") or ()),
+                            native_compute=tuple(d.get("native_compute") or ()), fp16_accumulate=acc16,
                             provenance=d.get("provenance") or {}, path=where)
 
 
@@ -181,8 +192,12 @@ def load_framework(name_or_path: str) -> FrameworkProfile:
 
 def apply_framework(hw: HardwareSpec, prof: FrameworkProfile) -> HardwareSpec:
     """The hardware as this framework runs on it: efficiencies scaled by the profile's multipliers (nominal,
-    optimistic and pessimistic alike) and the framework's host overhead per serving step."""
+    optimistic and pessimistic alike), the framework's host overhead per serving step, and the fp16 peak of
+    fp16-accumulating GEMMs where the framework runs them and the hardware lists that rate."""
     table = prof.efficiency_for(hw)
+    peaks = hw.peak_tflops
+    if prof.fp16_accumulate and "fp16_acc16" in peaks:
+        peaks = {**peaks, "fp16": peaks["fp16_acc16"]}
 
     def scale(eff):
         if eff is None:
@@ -199,7 +214,8 @@ def apply_framework(hw: HardwareSpec, prof: FrameworkProfile) -> HardwareSpec:
                                    kind_compute=kc, kind_memory=km)
 
     return dataclasses.replace(hw, efficiency=scale(hw.efficiency), optimistic=scale(hw.optimistic),
-                               pessimistic=scale(hw.pessimistic), host_overhead_us=prof.host_overhead_for(hw))
+                               pessimistic=scale(hw.pessimistic), host_overhead_us=prof.host_overhead_for(hw),
+                               peak_tflops=peaks)
 
 
 def resolve_runtime(hw: HardwareSpec, exec_mode: str | None, framework: str | None):

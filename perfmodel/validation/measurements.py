@@ -295,15 +295,27 @@ def _int(s: str, default: int | None = None) -> int | None:
     return int(float(s))
 
 
-GROUPS = ("other", "attention", "moe")  # operator groups a framework's fit may slow down or speed up
+# operator groups a framework's fit may slow down or speed up: attention, MoE experts, and the matmuls whose weights
+# are dequantised on the way (a format the GEMM does not take natively: GGUF blocks, AWQ/GPTQ int4, fp8 on a chip
+# without fp8 tensor cores), whose kernels (mat-vec with in-register dequantisation, dequantise-then-GEMM) run
+# slower than the 16-bit ones at the same bytes and FLOPs
+GROUPS = ("other", "attention", "moe", "dequant")
 
 
-def _group(op) -> int:
+def _group(op, precision: Precision | None = None) -> int:
     if op.kind == "attention" or op.name in ("qk", "softmax", "av"):
         return 1
     if op.name.startswith("expert_"):
         return 2
+    if precision is not None and op.kind == "matmul" and _dequantised(precision):
+        return 3
     return 0
+
+
+def _dequantised(precision: Precision) -> bool:
+    from perfmodel.dtypes import get_dtype
+
+    return get_dtype(precision.weights).native != precision.compute_dtype
 
 
 # The fitted numbers of one framework. The first four are a framework profile's own fields (perfmodel.frameworks):
@@ -311,12 +323,62 @@ def _group(op) -> int:
 # the host overhead per serving step (prefill and each decode step). The others the cost model has no profile field
 # for yet; validate applies them and a written profile carries them in its provenance.
 PROFILE_PARAMS = ("compute_multiplier", "memory_multiplier", "attention_multiplier", "host_overhead_us")
-EXTRA_PARAMS = ("prefill_overhead_us", "collective_latency_us", "moe_multiplier", "matmul_half_dim")
+EXTRA_PARAMS = ("prefill_overhead_us", "collective_latency_us", "moe_multiplier", "matmul_half_dim",
+                "dequant_multiplier")
 DEFAULT_PARAMS = {"compute_multiplier": 1.0, "memory_multiplier": 1.0, "attention_multiplier": 1.0,
                   "host_overhead_us": 0.0, "prefill_overhead_us": 0.0, "collective_latency_us": 0.0,
-                  "moe_multiplier": 1.0, "matmul_half_dim": 0.0}
+                  "moe_multiplier": 1.0, "matmul_half_dim": 0.0, "dequant_multiplier": 1.0}
 # where the data cannot tell, a multiplier stays near 1 (the shipped profile's): a log-space prior of weight 1
-PRIOR = ("compute_multiplier", "memory_multiplier", "attention_multiplier", "moe_multiplier")
+PRIOR = ("compute_multiplier", "memory_multiplier", "attention_multiplier", "moe_multiplier", "dequant_multiplier")
+# Per hardware family and per hardware (a profile's efficiency keys, perfmodel.frameworks.hardware_family): compute
+# and memory multipliers on top of the framework-wide ones, fitted where the rows hold that family or machine and
+# pulled towards 1 (the level above) by the same log-space prior, so a family seen once moves less than its data
+# alone would say and a machine of a family the fit never saw gets the framework-wide numbers.
+LEVELS = ("family", "hardware")
+# machines of one family share architecture and kernels: a machine departs from its family only where its rows
+# insist (a prior 4x the family's), so what one machine shows mostly goes to its family and carries to the others
+LEVEL_PRIOR = {"family": 1.0, "hardware": 4.0}
+
+
+def _level_key(level: str, hw: HardwareSpec) -> str:
+    from perfmodel.frameworks import hardware_family
+
+    return hardware_family(hw) if level == "family" else hw.name
+
+
+def efficiency_multipliers(params: dict, hw: HardwareSpec) -> tuple[float, float]:
+    """The compute and memory multipliers a fit gives one machine: framework-wide x its family's x its own."""
+    c, m = params.get("compute_multiplier", 1.0), params.get("memory_multiplier", 1.0)
+    for level in LEVELS:
+        got = (params.get(f"{level}_efficiency") or {}).get(_level_key(level, hw)) or {}
+        c *= got.get("compute", 1.0)
+        m *= got.get("memory", 1.0)
+    return c, m
+
+
+# GGUF file types that mix K-quants (llama.cpp src/llama.cpp llama_tensor_get_type, 2023-06 .. 2024): the base
+# format for every weight, Q6_K for the output matrix, and Q6_K for attn_v and ffn_down in the layers
+# use_more_bits picks (the first and last eighth, every third between) in the _M mixes; 70B-class models (8 query
+# heads per KV head) keep attn_v at Q5_K at least. Checked against the published file sizes: Llama-3-8B Q4_K_M
+# 4.58 GiB and Llama-3-70B Q4_K_M 39.6 GiB (XiongjieDai/GPU-Benchmarks-on-LLM-Inference README) -> 4.57 and 39.6.
+GGUF_MIXES = {"q4_k_m": ("q4_k", True), "q5_k_m": ("q5_k", True), "q5_k_s": ("q5_k", False), "q4_k_s": ("q4_k", False)}
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def gguf_mix_factors(model, mix: str) -> dict[str, float]:
+    """Weight-byte factors per operator name of a GGUF mix over its base format (1 where the base holds)."""
+    from perfmodel.dtypes import bytes_per_element
+
+    base, more = GGUF_MIXES[mix]
+    b, q6, q5 = (bytes_per_element(d) for d in (base, "q6_k", "q5_k"))
+    n = model.num_layers
+    upgraded = sum(_use_more_bits(i, n) for i in range(n)) / n if more else 0.0
+    v_other = q5 / b if (model.num_heads // max(model.num_kv_heads, 1) >= 8 and b < q5) else 1.0
+    return {"lm_head": q6 / b, "down_proj": upgraded * q6 / b + (1 - upgraded),
+            "v_proj": upgraded * q6 / b + (1 - upgraded) * v_other}
 
 
 def collectives_per_pass(model, par) -> int:
@@ -347,7 +409,7 @@ class _Phase:
     collectives: int  # per pass
 
     def group_seconds(self, c: float = 1.0, m: float = 1.0, half_dim: float = 0.0, floor: bool = True,
-                      div=(1.0, 1.0, 1.0)) -> np.ndarray:
+                      div=(1.0,) * len(GROUPS)) -> np.ndarray:
         """Seconds per operator group at compute and memory efficiency c and m, each group's efficiencies times
         its multiplier in div (as a profile's per-kind multipliers scale both), a kernel taking at least its
         floor; a matmul of smallest dimension d reaches c*d/(d+half_dim)."""
@@ -364,7 +426,7 @@ class _Phase:
 
     def roofline_s(self) -> float:
         """Efficiency 1, no floors, launches or collectives: the bound no run can beat."""
-        return float(self.group_seconds(floor=False).sum())
+        return float(self.group_seconds(floor=False, div=(1.0,) * len(GROUPS)).sum())
 
 
 @dataclasses.dataclass
@@ -389,6 +451,8 @@ class _Expressed:
     exec_mode: str
     profile: object  # perfmodel.frameworks.FrameworkProfile or None
     hw_run: HardwareSpec  # the hardware as the framework's shipped profile runs it
+    mix: str = ""  # a GGUF mix (GGUF_MIXES): precision.weights is its base format, the mixed tensors heavier
+    flash: bool = True  # the framework's attention keeps scores on chip (FlashAttention-style)
 
 
 @functools.lru_cache(maxsize=None)
@@ -422,13 +486,15 @@ def express_row(r) -> _Expressed | str:
         if not r[field]:
             return f"{field.replace('_', ' ')} not stated by the source"
     kv = r["kv_dtype"] or r["activation_dtype"]
-    for field, v in (("weight dtype", r["weight_dtype"]), ("activation dtype", r["activation_dtype"]),
+    mix = r["weight_dtype"].lower() if r["weight_dtype"].lower() in GGUF_MIXES else ""
+    weights = GGUF_MIXES[mix][0] if mix else r["weight_dtype"]
+    for field, v in (("weight dtype", weights), ("activation dtype", r["activation_dtype"]),
                      ("kv dtype", kv)):
         try:
             get_dtype(v)
         except PerfmodelError:
             return f"{field} {v!r} is not a perfmodel format"
-    precision = Precision(r["weight_dtype"], r["activation_dtype"], kv)
+    precision = Precision(weights, r["activation_dtype"], kv)
     try:
         hw.peak_flops(precision.compute_dtype)
     except PerfmodelError:
@@ -467,7 +533,7 @@ def express_row(r) -> _Expressed | str:
     divide = float(gpus) if r["per"] == "gpu" else 1.0
     measured = float(r["value"]) * UNITS[r["unit"]]
     return _Expressed(int(r["row"]), metric, measured, batch, inp, out, steps, divide, model, hw, par, precision,
-                      decode_only, r["per"], "pad-token inputs" in r["scenario"], exec_mode, prof, hw_run)
+                      decode_only, r["per"], "pad-token inputs" in r["scenario"], exec_mode, prof, hw_run, mix)
 
 
 def _unit_hardware(hw: HardwareSpec) -> HardwareSpec:
@@ -487,8 +553,12 @@ def _ops(e: _Expressed, batch, new, past, phase):
         from perfmodel.costmodel.operators import expected_experts_touched
 
         touched = expected_experts_touched(e.model.num_experts, e.model.experts_per_token, 1)
-    ops = split_ops(phase_ops(e.model, batch, new, past, e.precision, True, experts_touched=touched, phase=phase,
-                              exec_mode=e.exec_mode), e.par, e.model)
+    ops = phase_ops(e.model, batch, new, past, e.precision, e.flash, experts_touched=touched, phase=phase,
+                    exec_mode=e.exec_mode)
+    if e.mix:
+        f = gguf_mix_factors(e.model, e.mix)
+        ops = [dataclasses.replace(o, weight_bytes=o.weight_bytes * f[o.name]) if o.name in f else o for o in ops]
+    ops = split_ops(ops, e.par, e.model)
     comm = sum(comm_seconds(e.model, e.par, e.hw, np.asarray(batch) * np.asarray(new), e.precision).values())
     return ops, float(np.sum(comm))
 
@@ -497,8 +567,9 @@ def _phase_arrays(e: _Expressed, ops, steps: int | None, comm_s: float) -> _Phas
     from perfmodel.costmodel.execution import launches_per_op
     from perfmodel.costmodel.roofline import host_op, op_timing, op_timings
 
-    t = op_timings(ops, _unit_hardware(e.hw), e.precision, e.exec_mode, host=False)
-    group = np.array([_group(x.op) for x in t], dtype=np.int64)
+    # the roofs as the framework runs on them (its GEMMs' peak, e.g. fp16 accumulation), efficiency 1
+    t = op_timings(ops, _unit_hardware(e.hw_run), e.precision, e.exec_mode, host=False)
+    group = np.array([_group(x.op, e.precision) for x in t], dtype=np.int64)
     min_dim = np.array([float(np.max(x.op.min_dim)) if x.op.min_dim is not None and x.op.kind in
                         ("matmul", "attention") else np.nan for x in t])
     graph = not launches_per_op(e.exec_mode)
@@ -589,9 +660,10 @@ class RowEval:
         collectives at the link's datasheet rate plus the latency per collective."""
         p = {**DEFAULT_PARAMS, **params}
         eff = self.e.hw.efficiency
-        c = min(1.0, eff.compute * p["compute_multiplier"])
-        m = min(1.0, eff.memory * p["memory_multiplier"])
-        div = np.array([1.0, p["attention_multiplier"], p["moe_multiplier"]])
+        cm, mm = efficiency_multipliers(p, self.e.hw)
+        c = min(1.0, eff.compute * cm)
+        m = min(1.0, eff.memory * mm)
+        div = np.array([1.0, p["attention_multiplier"], p["moe_multiplier"], p["dequant_multiplier"]])
         coll, host = p["collective_latency_us"] * 1e-6, p["host_overhead_us"] * 1e-6
         out = []
         for ph, extra in ((self.pre, p["prefill_overhead_us"] * 1e-6), (self.dec, 0.0)):
@@ -633,11 +705,41 @@ def evaluate_row(e: _Expressed, framework: str = "", source: str = "") -> RowEva
     return RowEval(e, framework, source, batch, pre, dec, nominal, roof)
 
 
+_SIXTEEN_BIT = ("fp16", "bf16")
+_RUN_KEYS = ("source", "framework", "hardware", "model", "gpus", "tp", "batch_or_concurrency", "input_tokens",
+             "output_tokens", "metric", "scenario")
+
+
+def contradicted_rows(df: pd.DataFrame) -> dict[int, str]:
+    """Rows that contradict their own source, by row number, with the reason. A prefill rate with 16-bit weights
+    lower than the same source's rate for the same run (hardware, model, lengths) with block-quantised weights:
+    a dequantising GEMM does the 16-bit GEMM's work and more, so the 16-bit run took some other (fallback) path
+    that the cost model has no way to express. Decided from the measured values alone, before any prediction."""
+    from perfmodel.dtypes import DTYPES
+
+    out: dict[int, str] = {}
+    pre = df[df["metric"] == "prefill_tokens_per_s"]
+    quant = pre["weight_dtype"].str.lower().map(lambda w: w in GGUF_MIXES or DTYPES.get(w, DTYPES["fp16"]).is_block)
+    for _, g in pre.groupby(list(_RUN_KEYS), sort=False):
+        q = g[quant.loc[g.index]]
+        if q.empty:
+            continue
+        best = q.loc[q["value"].astype(float).idxmax()]
+        for _, r in g[g["weight_dtype"].str.lower().isin(_SIXTEEN_BIT)].iterrows():
+            if float(r["value"]) < float(best["value"]):
+                out[int(r["row"])] = (f"contradicts its source: {r['weight_dtype']} prefill {float(r['value']):g} "
+                                      f"tokens/s below the same run's {best['weight_dtype']} "
+                                      f"{float(best['value']):g} (line {int(best['row'])}); a fallback kernel the "
+                                      "cost model cannot express")
+    return out
+
+
 def evaluate_published(df: pd.DataFrame, progress=None) -> tuple[list[RowEval], list[dict]]:
     """Every row expressed and evaluated, or listed with the reason it cannot be (never dropped)."""
     evals, unexpressed = [], []
+    contradicted = contradicted_rows(df)
     for _, r in df.iterrows():
-        e = express_row(r)
+        e = contradicted.get(int(r["row"])) or express_row(r)
         if isinstance(e, str):
             unexpressed.append({"row": int(r["row"]), "framework": r["framework"], "hardware": r["hardware"],
                                 "model": r["model"], "metric": r["metric"], "source": r["source"], "reason": e})
@@ -665,9 +767,13 @@ def split_by_source(df: pd.DataFrame, counts: dict | None = None) -> dict[str, i
     return half
 
 
+ALL_METRICS = "all metrics"
+
+
 def error_table(evals: list[RowEval], which: str, params: dict | None = None) -> list[dict]:
     """n, median and p90 |error| and signed bias (median signed error, + = predicted too high) per framework and
-    metric, in %. which: nominal | roofline | fitted (with params: framework -> fitted numbers)."""
+    metric, in %, and over all metrics of a framework that has several (metric ALL_METRICS). which: nominal |
+    roofline | fitted (with params: framework -> fitted numbers)."""
     groups: dict[tuple, list[float]] = {}
     for r in evals:
         if which == "fitted":
@@ -677,8 +783,12 @@ def error_table(evals: list[RowEval], which: str, params: dict | None = None) ->
         else:
             pred = getattr(r, which)
         groups.setdefault((r.framework, r.e.metric), []).append(pred / r.e.measured - 1.0)
+    pooled: dict[tuple, list[float]] = {}
+    for (fw, m), errs in groups.items():  # every metric of a framework together: the figure the framework gets
+        pooled.setdefault((fw, ALL_METRICS), []).extend(errs)
+    groups.update({k: v for k, v in pooled.items() if len([g for g in groups if g[0] == k[0]]) > 1})
     out = []
-    for (fw, m), errs in sorted(groups.items()):
+    for (fw, m), errs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] == ALL_METRICS, kv[0][1])):
         e = np.asarray(errs) * 100
         out.append({"framework": fw, "metric": m, "n": len(e), "median_abs_pct": float(np.median(np.abs(e))),
                     "p90_abs_pct": float(np.percentile(np.abs(e), 90)), "bias_pct": float(np.median(e))})
@@ -702,7 +812,7 @@ class _FitData:
     compute and memory seconds at efficiency 1, kernel floor, row, phase and group."""
 
     def __init__(self, rows: list[RowEval]):
-        parts = {k: [] for k in ("cs", "ms", "fl", "wt", "seg", "md", "bc", "bm")}
+        parts = {k: [] for k in ("cs", "ms", "fl", "wt", "seg", "md", "bc", "bm", "row")}
         self.n = len(rows)
         for k, r in enumerate(rows):
             eff = r.e.hw.efficiency
@@ -723,10 +833,14 @@ class _FitData:
                 parts["wt"].append(np.full(c.size, w))
                 parts["bc"].append(np.full(c.size, eff.compute))
                 parts["bm"].append(np.full(c.size, eff.memory))
+                parts["row"].append(np.full(c.size, k))
         for key, v in parts.items():
             setattr(self, key, np.concatenate(v))
         self.is_mm = ~np.isnan(self.md)
         self.md = np.where(self.is_mm, self.md, 1.0)
+        # each row's family and machine, as indices into the sorted keys the rows hold
+        self.keys = {lv: sorted({_level_key(lv, r.e.hw) for r in rows}) for lv in LEVELS}
+        self.key_of = {lv: np.array([self.keys[lv].index(_level_key(lv, r.e.hw)) for r in rows]) for lv in LEVELS}
         f = lambda fn: np.array([fn(r) for r in rows], dtype=np.float64)  # noqa: E731
         self.passes = np.stack([f(lambda r: 1 if r.pre is not None else 0),
                                 f(lambda r: r.dec.passes if r.dec is not None else 0)], axis=1)
@@ -739,12 +853,23 @@ class _FitData:
         self.inp, self.out = f(lambda r: r.e.input_tokens), f(lambda r: r.e.output_tokens)
         self.measured = f(lambda r: r.e.measured)
 
+    def row_multipliers(self, p: dict) -> tuple[np.ndarray, np.ndarray]:
+        c = np.full(self.n, p["compute_multiplier"])
+        m = np.full(self.n, p["memory_multiplier"])
+        for lv in LEVELS:
+            table = p.get(f"{lv}_efficiency") or {}
+            c = c * np.array([table.get(k, {}).get("compute", 1.0) for k in self.keys[lv]])[self.key_of[lv]]
+            m = m * np.array([table.get(k, {}).get("memory", 1.0) for k in self.keys[lv]])[self.key_of[lv]]
+        return c, m
+
     def predict(self, p: dict) -> np.ndarray:
-        c = np.minimum(1.0, self.bc * p["compute_multiplier"])
+        cr, mr = self.row_multipliers(p)
+        c = np.minimum(1.0, self.bc * cr[self.row])
         if p["matmul_half_dim"]:
             c = np.where(self.is_mm, c * self.md / (self.md + p["matmul_half_dim"]), c)
-        m = np.minimum(1.0, self.bm * p["memory_multiplier"])
-        div = np.array([1.0, p["attention_multiplier"], p["moe_multiplier"]])[self.seg % len(GROUPS)]
+        m = np.minimum(1.0, self.bm * mr[self.row])
+        div = np.array([1.0, p["attention_multiplier"], p["moe_multiplier"],
+                        p["dequant_multiplier"]])[self.seg % len(GROUPS)]
         t = np.maximum(np.maximum(self.cs / c, self.ms / m) / div, self.fl) * self.wt
         s = np.bincount(self.seg, weights=t, minlength=self.n * 2 * len(GROUPS)).reshape(self.n, 2, len(GROUPS))
         s = s.sum(axis=2)
@@ -755,31 +880,49 @@ class _FitData:
 
     def loss(self, p: dict) -> float:
         prior = sum(np.log(p[k]) ** 2 for k in PRIOR)
+        for lv in LEVELS:
+            w = LEVEL_PRIOR[lv]
+            prior += w * sum(np.log(v) ** 2 for t in (p.get(f"{lv}_efficiency") or {}).values() for v in t.values())
         return float(np.sum(np.log(self.predict(p) / self.measured) ** 2) + prior)
 
 
 # the fit's search space: multipliers on log grids (at most 2, a profile's limit), overheads on log grids with 0
 _SEARCH = {"compute_multiplier": (0.02, 2.0), "memory_multiplier": (0.05, 2.0), "attention_multiplier": (0.05, 2.0),
            "moe_multiplier": (0.05, 2.0), "host_overhead_us": (0.0, 1e5), "prefill_overhead_us": (0.0, 1e5),
-           "collective_latency_us": (0.0, 1e3), "matmul_half_dim": (0.0, 4096.0)}
+           "collective_latency_us": (0.0, 1e3), "matmul_half_dim": (0.0, 4096.0), "dequant_multiplier": (0.05, 2.0),
+           "level": (0.05, 20.0)}
+_OVERHEADS = ("host_overhead_us", "prefill_overhead_us", "collective_latency_us", "matmul_half_dim")
+
+
+def _get(p: dict, k):
+    return p[k] if isinstance(k, str) else p[f"{k[0]}_efficiency"][k[1]][k[2]]
+
+
+def _set(p: dict, k, x: float) -> dict:
+    if isinstance(k, str):
+        return {**p, k: x}
+    name = f"{k[0]}_efficiency"
+    table = {**p[name], k[1]: {**p[name][k[1]], k[2]: x}}
+    return {**p, name: table}
 
 
 def fit_framework(rows: list[RowEval], framework: str) -> dict:
     """A framework's numbers from its rows among `rows`: compute and memory multipliers on the hardware's nominal
-    efficiency, an attention multiplier and the host overhead per step (a profile's fields), and where the rows
-    can see them an extra overhead per prefill pass, a latency per collective (tensor-parallel rows), an
-    MoE-expert multiplier (MoE rows) and a matmul half-efficiency dimension (tokens: small-batch matmuls cannot
-    fill the machine). Minimises the sum of squared log errors (predicted/measured) plus a log-space prior pulling
-    the multipliers towards 1 where the rows cannot tell. Coordinate descent: each number in turn on a grid around
-    its value, the grid narrowing when a sweep no longer improves; each row's decode steps are sampled
-    (FIT_STEP_SAMPLES) inside the objective. Returns the numbers and their provenance."""
+    efficiency, framework-wide and per hardware family and machine (LEVELS), an attention multiplier and the host
+    overhead per step (a profile's fields), and where the rows can see them an extra overhead per prefill pass, a
+    latency per collective (tensor-parallel rows), an MoE-expert multiplier (MoE rows), a multiplier on the
+    matmuls that dequantise their weights (GROUPS) and a matmul half-efficiency dimension (tokens: small-batch
+    matmuls cannot fill the machine). Minimises the sum of squared log errors (predicted/measured) plus a
+    log-space prior pulling every multiplier towards 1 where the rows cannot tell. Coordinate descent: each number
+    in turn on a grid around its value, the grid narrowing when a sweep no longer improves; each row's decode
+    steps are sampled (FIT_STEP_SAMPLES) inside the objective. Returns the numbers and their provenance."""
     import datetime
 
     rows = [r for r in rows if r.framework == framework]
     if not rows:
         raise PerfmodelError(f"--framework: no expressible rows of {framework!r} to fit")
     data = _FitData(rows)
-    free = ["compute_multiplier", "memory_multiplier", "host_overhead_us", "matmul_half_dim"]
+    free: list = ["compute_multiplier", "memory_multiplier", "host_overhead_us", "matmul_half_dim"]
     if any(r.e.metric in ("ttft_s", "prefill_tokens_per_s") for r in rows):
         free.append("prefill_overhead_us")  # only a prefill-only metric sees it apart from the step overhead
     if any(ph is not None and (ph.group == 1).any() for r in rows for ph in (r.pre, r.dec)):
@@ -788,21 +931,27 @@ def fit_framework(rows: list[RowEval], framework: str) -> dict:
         free.append("moe_multiplier")
     if any((r.pre or r.dec).collectives for r in rows):
         free.append("collective_latency_us")
+    if any(ph is not None and (ph.group == 3).any() for r in rows for ph in (r.pre, r.dec)):
+        free.append("dequant_multiplier")
     p = dict(DEFAULT_PARAMS)
+    for lv in LEVELS:  # a level is worth fitting only where the rows hold more than one of its keys
+        keys = data.keys[lv] if len(data.keys[lv]) > 1 else []
+        p[f"{lv}_efficiency"] = {k: {"compute": 1.0, "memory": 1.0} for k in keys}
+        free += [(lv, k, x) for k in keys for x in ("compute", "memory")]
     best = data.loss(p)
     span = 4.0  # factor either side searched; shrinks as the fit settles
     for _ in range(60):
         improved = False
         for k in free:
-            lo, hi = _SEARCH[k]
-            v = p[k]
-            if k in ("host_overhead_us", "prefill_overhead_us", "collective_latency_us", "matmul_half_dim"):
+            lo, hi = _SEARCH[k if isinstance(k, str) else "level"]
+            v = _get(p, k)
+            if k in _OVERHEADS:
                 grid = np.clip(max(v, 1.0) * np.geomspace(1 / span, span, 9), 0, hi)
                 cand = np.unique(np.concatenate([[0.0], grid]))
             else:
                 cand = np.unique(np.clip(v * np.geomspace(1 / span, span, 9), lo, hi))
             for x in cand:
-                q = {**p, k: float(x)}
+                q = _set(p, k, float(x))
                 lq = data.loss(q)
                 if lq < best - 1e-12:
                     best, p, improved = lq, q, True
@@ -811,15 +960,20 @@ def fit_framework(rows: list[RowEval], framework: str) -> dict:
                 break
             span = span ** 0.5
     fitted = {k: round(float(p[k]), 4) for k in DEFAULT_PARAMS}
+    for lv in LEVELS:
+        fitted[f"{lv}_efficiency"] = {k: {x: round(float(v), 4) for x, v in t.items()}
+                                      for k, t in p[f"{lv}_efficiency"].items()}
     prof = rows[0].e.profile
     return {"framework": framework, **fitted,
             "provenance": {"sources": sorted({r.source for r in rows}), "n": len(rows),
                            "hardware": sorted({r.e.hw.name for r in rows}),
-                           "metrics": sorted({r.e.metric for r in rows}), "fitted": free,
+                           "metrics": sorted({r.e.metric for r in rows}),
+                           "fitted": [k if isinstance(k, str) else ".".join(k) for k in free],
                            "exec": rows[0].e.exec_mode, "shipped_profile": prof.path if prof else None,
                            "date": datetime.date.today().isoformat(),
                            "objective": "sum of squared log errors (predicted/measured) + sum of squared log of "
-                                        + ", ".join(PRIOR), "loss": round(best, 4)}}
+                                        + ", ".join(PRIOR) + " and of every family and hardware multiplier",
+                           "loss": round(best, 4)}}
 
 
 def holdout_report(evals: list[RowEval], df: pd.DataFrame, frameworks: list[str] | None = None) -> dict:
@@ -853,9 +1007,22 @@ def fitted_profile(fitted: dict, report: dict, measurements: str) -> dict:
         base = {"name": fw, "description": fw, "exec": fitted["provenance"]["exec"]}
     a = fitted["attention_multiplier"]
     prof = {k: base[k] for k in ("name", "description", "version", "exec", "kv_block_tokens", "weight_formats",
-                                 "kv_formats", "native_compute") if k in base}
-    prof["efficiency"] = {"default": {"compute": fitted["compute_multiplier"], "memory": fitted["memory_multiplier"],
-                                      "kinds": {"attention": {"compute": a, "memory": a}}}}
+                                 "kv_formats", "native_compute", "fp16_accumulate") if k in base}
+
+    def entry(c: float, m: float) -> dict:  # a profile multiplier is at most 2 (it caps efficiency at 1 anyway)
+        return {"compute": min(2.0, c), "memory": min(2.0, m), "kinds": {"attention": {"compute": a, "memory": a}}}
+
+    c0, m0 = fitted["compute_multiplier"], fitted["memory_multiplier"]
+    prof["efficiency"] = {"default": entry(c0, m0)}
+    fams = fitted.get("family_efficiency") or {}
+    for fam, t in fams.items():  # the most specific key wins, so each entry holds the product down to it
+        prof["efficiency"][fam] = entry(c0 * t["compute"], m0 * t["memory"])
+    for name, t in (fitted.get("hardware_efficiency") or {}).items():
+        from perfmodel.frameworks import hardware_family
+
+        f = fams.get(hardware_family(_library_hardware(name)), {})
+        prof["efficiency"][name] = entry(c0 * f.get("compute", 1.0) * t["compute"],
+                                         m0 * f.get("memory", 1.0) * t["memory"])
     prof["host_overhead_us"] = {"default": fitted["host_overhead_us"]}
     prof["provenance"] = {
         "efficiency": "fitted", "host_overhead_us": "fitted", "measurements": measurements,
