@@ -215,13 +215,22 @@ class Transformer:
         1 (the last position) unless all_logits. pad: left-padding per sequence, masked out of attention."""
         x, pos, mask, P = self._prologue(ids, cache, pad)
         T = ids.shape[1]
+        x = self._layers(x, lambda i, lw, h: self._attention(i, lw, h, pos, cache, mask))
+        cache.length = P + T
+        if hasattr(cache, "after_forward"):  # compress what left the dense window (prefill attention stayed dense)
+            cache.advance_queries(T)
+            cache.after_forward()
+        return self._epilogue(x, all_logits)
+
+    def _layers(self, x, attend):
+        """The decoder layers over hidden states x; attend(i, layer weights, normed h) is the attention block."""
         layers = self.w.layers
         if self.fused:  # later norms take the residual add before them along (add_norm)
             h = self._norm("attn_norm", 0, x, layers[0].attn_norm, layers[0].attn_norm_b)
         for i, lw in enumerate(layers):
             if not self.fused:
                 h = self._norm("attn_norm", i, x, lw.attn_norm, lw.attn_norm_b)
-            a = self._attention(i, lw, h, pos, cache, mask)
+            a = attend(i, lw, h)
             if self.fused:
                 x, h = self._add_norm(i, x, a, lw.mlp_norm, lw.mlp_norm_b)
             else:
@@ -232,11 +241,69 @@ class Transformer:
                 x, h = self._add_norm(i, x, m, layers[i + 1].attn_norm, layers[i + 1].attn_norm_b)
             else:
                 x = self._add("mlp_residual", i, x, m)
-        cache.length = P + T
-        if hasattr(cache, "after_forward"):  # compress what left the dense window (prefill attention stayed dense)
-            cache.advance_queries(T)
-            cache.after_forward()
-        return self._epilogue(x, all_logits)
+        return x
+
+    def forward_ragged(self, ids: np.ndarray, seqs: list, kv):
+        """One forward over the new tokens of several sequences at once, each at its own length and position
+        (ragged batching, no padding): the tokens are concatenated into one [1, total, hidden] pass, so every
+        weight matmul streams its weights once for the whole step, and attention runs per sequence over that
+        sequence's own cache. ids: the new tokens, sequence after sequence; seqs: (start, new, slots) per
+        sequence: its first new token's position (tokens already cached), its number of new tokens, and the
+        cache slot of each of its positions 0..start+new-1 (a paged cache: slots index kv.k[layer] / kv.v[layer],
+        [kv_heads, slots, head_dim]). Returns logits [sequences, vocab] at each sequence's last new token."""
+        be, s = self.be, self.spec
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] != sum(int(n) for _, n, _ in seqs) or not seqs:
+            raise PerfmodelError("ragged forward: the new tokens do not add up to the sequences' counts")
+        pos = np.concatenate([np.arange(int(p0), int(p0) + int(n)) for p0, n, _ in seqs])[None, :]
+        if int(pos.max()) >= s.max_position:
+            raise PerfmodelError(f"context: {int(pos.max()) + 1} tokens exceed {s.name}'s max_position {s.max_position}")
+        x = self._embed(ids, pos)
+        if s.positions == "rope":
+            self._rope_tables = (be.asarray(self._cos[pos])[:, None, :, :], be.asarray(self._sin[pos])[:, None, :, :])
+        plan, off = [], 0
+        for p0, n, slots in seqs:  # per sequence: its rows of the step, its slots, its causal mask
+            p0, n = int(p0), int(n)
+            slots = np.asarray(slots, dtype=np.int64)[:p0 + n]
+            if len(slots) != p0 + n:
+                raise PerfmodelError("ragged forward: a sequence has fewer cache slots than positions")
+            mask = self._mask(1, n, p0, np.zeros(1, dtype=np.int64))
+            plan.append((off, n, p0, be.index_array(slots[p0:]), be.index_array(slots),
+                         be_mask(be, mask) if self.flash else mask))
+            off += n
+        x = self._layers(x, lambda i, lw, h: self._ragged_attention(i, lw, h, plan, kv))
+        last = be.index_array(np.array([o + n - 1 for o, n, *_ in plan]))
+        x = be.take(x[0], last)[None]  # only each sequence's last new token needs logits
+        return self._epilogue(x, all_logits=True)[0]
+
+    def _ragged_attention(self, i, lw, h, plan, kv):
+        be, s = self.be, self.spec
+        _, T, _ = h.shape
+        nq, nkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+        if self.fused:
+            fw = self.fw[i]
+            qkv = self._linear("qkv_proj", i, h, fw.qkv, fw.qkv_b)
+            split = lambda a, b, n: be.transpose(qkv[..., a * d:b * d].reshape(1, T, n, d), (0, 2, 1, 3))  # noqa
+            q, k, v = split(0, nq, nq), split(nq, nq + nkv, nkv), split(nq + nkv, nq + 2 * nkv, nkv)
+        else:
+            q = be.transpose(self._linear("q_proj", i, h, lw.q, lw.q_b).reshape(1, T, nq, d), (0, 2, 1, 3))
+            k = be.transpose(self._linear("k_proj", i, h, lw.k, lw.k_b).reshape(1, T, nkv, d), (0, 2, 1, 3))
+            v = be.transpose(self._linear("v_proj", i, h, lw.v, lw.v_b).reshape(1, T, nkv, d), (0, 2, 1, 3))
+        if s.positions == "rope":
+            q, k = self._rope(i, q, k, None)
+        outs = []
+        kl, vl = kv.k[i], kv.v[i]
+        for off, n, p0, new_slots, slots, mask in plan:
+            kl[:, new_slots] = k[0, :, off:off + n]
+            vl[:, new_slots] = v[0, :, off:off + n]
+            qs, kc, vc = q[:, :, off:off + n], kl[:, slots][None], vl[:, slots][None]
+            if self.flash:
+                outs.append(be.sdpa(qs, kc, vc, mask, nkv != nq))  # q pre-scaled
+            else:
+                outs.append(self._blocked_attention(i, qs, kc, vc, mask, 0, p0, 0))
+        out = outs[0] if len(outs) == 1 else be.concat(outs, 2)
+        out = be.transpose(out, (0, 2, 1, 3)).reshape(1, T, nq * d)
+        return self._linear("o_proj", i, out, lw.o, lw.o_b)
 
     def _prologue(self, ids, cache, pad=None):
         """Checks, positions, the embedded tokens, the attention mask and the rope tables of one forward."""
