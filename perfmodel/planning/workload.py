@@ -69,11 +69,24 @@ class LengthDist:
 @dataclass
 class Requests:
     arrival_s: np.ndarray
-    input_tokens: np.ndarray
+    input_tokens: np.ndarray  # the whole prompt, shared prefix included
     output_tokens: np.ndarray
+    prefix_tokens: np.ndarray | None = None  # leading prompt tokens every request shares (a system prompt)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
+
+    def shared_prefix(self) -> np.ndarray:
+        """Per request, how many leading prompt tokens are the workload's shared prefix (0: none)."""
+        if self.prefix_tokens is None:
+            return np.zeros(len(self), dtype=np.int64)
+        return np.asarray(self.prefix_tokens, dtype=np.int64)
+
+    def with_shared_prefix(self, tokens: int) -> "Requests":
+        """The same requests with a `tokens`-token system prompt in front of every prompt."""
+        tokens = validate(count(0, TOKENS_MAX), tokens, "--shared-prefix")
+        return Requests(self.arrival_s, self.input_tokens + tokens - self.shared_prefix(), self.output_tokens,
+                        np.full(len(self), tokens, dtype=np.int64))
 
     def check(self, where: str = "requests") -> "Requests":
         """Refuse what no simulation can run: no requests, too many, NaN or decreasing arrivals, lengths
@@ -90,6 +103,10 @@ class Requests:
             validate_column(np.asarray(col).tolist(), rule, where, name)
         if n > 1 and np.any(np.diff(self.arrival_s) < 0):
             raise PerfmodelError(f"{where}: arrival_s: must be sorted in time")
+        if self.prefix_tokens is not None:
+            pre = self.shared_prefix()
+            if len(pre) != n or (pre < 0).any() or (pre > self.input_tokens).any():
+                raise PerfmodelError(f"{where}: prefix_tokens: must be in [0, input_tokens] for every request")
         return self
 
 
@@ -123,6 +140,15 @@ def trace_requests(path: Path) -> Requests:
     t = np.asarray(validate_column(df[a].tolist(), number(ge=0, le=1e12), f"--trace: {where}", a, 2))
     inp = np.asarray(validate_column(df[i].tolist(), _TOKENS, f"--trace: {where}", i, 2), dtype=np.int64)
     out = np.asarray(validate_column(df[o].tolist(), _TOKENS, f"--trace: {where}", o, 2), dtype=np.int64)
+    pre = None
+    p = pick("prefix_tokens", "shared_prefix")
+    if p:  # optional: how many leading tokens of each prompt are the shared system prompt
+        pre = np.asarray(validate_column(df[p].tolist(), count(0, TOKENS_MAX), f"--trace: {where}", p, 2),
+                         dtype=np.int64)
+        bad = np.nonzero(pre > inp)[0]
+        if len(bad):
+            raise PerfmodelError(f"--trace: {where}: row {int(bad[0]) + 2}: {p}: must be <= {i} "
+                                 f"({int(inp[bad[0]])}), got {int(pre[bad[0]])}")
     order = np.argsort(t, kind="stable")
     t = t[order]
-    return Requests(t - t[0], inp[order], out[order])
+    return Requests(t - t[0], inp[order], out[order], None if pre is None else pre[order])
