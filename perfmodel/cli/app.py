@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def _register() -> None:
     from perfmodel.cli import cost_commands  # noqa: F401  (registers commands)
     from perfmodel.cli import engine_commands, kv_commands, planning_commands, validation_commands  # noqa: F401
+    from perfmodel.cli import serving_commands  # noqa: F401
 
     for info in app.registered_commands:
         _guard(info)

@@ -107,6 +107,10 @@ def simulate(
     tp: int = typer.Option(1), pp: int = typer.Option(1),
     max_batch: int = typer.Option(256), block_tokens: int = typer.Option(16),
     chunked_prefill: int = typer.Option(0, help="prefill token budget per iteration (0: off)"),
+    kv_blocks: int = typer.Option(0, help="KV blocks in the pool (0: as many as fit beside the weights)"),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache/--no-prefix-cache",
+                                      help="reuse the shared prefix's KV blocks across requests"),
+    shared_prefix: int = typer.Option(0, help="tokens of a system prompt in front of every prompt"),
     ttft: float = typer.Option(None, help="TTFT SLO for goodput"), tpot: float = typer.Option(None),
     dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
@@ -124,13 +128,16 @@ def simulate(
         raise PerfmodelError("--requests, --max-batch, --block-tokens: allowed: integers >= 1")
     reqs = trace_requests(trace) if trace else poisson_requests(
         rate, requests, LengthDist.parse("--input", input), LengthDist.parse("--output", output), seed)
+    if shared_prefix:
+        reqs = reqs.with_shared_prefix(shared_prefix)
     m = load_model(model)
     par = Parallelism(tp=tp, pp=pp)
     par.check(m)
     hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
     dep = Deployment(m, hw, par, runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof),
                      exec_mode=mode)
-    r = run_sim(dep, reqs, SchedulerConfig(max_batch, block_tokens, chunked_prefill), ttft, tpot)
+    r = run_sim(dep, reqs, SchedulerConfig(max_batch, block_tokens, chunked_prefill, kv_blocks, prefix_cache),
+                ttft, tpot)
     rows = [{"metric": k, "p50": r[k]["p50"], "p90": r[k]["p90"], "p99": r[k]["p99"]} for k in ("ttft_s", "tpot_s", "e2e_s")]
     if emit(format, r, rows):
         return
@@ -141,7 +148,8 @@ def simulate(
     c.print(f"throughput {r['throughput_output_tokens_per_s']:,.0f} output tokens/s, {r['throughput_requests_per_s']:.2f} "
             f"requests/s; goodput {r['goodput_requests_per_s']:.2f} requests/s ({r['slo_attainment'] * 100:.1f} % "
             f"within SLO); utilisation {r['utilisation'] * 100:.0f} %; {r['preemptions']} preemptions; "
-            f"{r['kv_blocks']:,} KV blocks")
+            f"{r['kv_blocks']:,} KV blocks" + (f"; prefix-cache hit rate {r['prefix_hit_rate'] * 100:.1f} %"
+                                                 if prefix_cache else ""))
 
 
 @app.command()

@@ -1,0 +1,172 @@
+"""serve-bench: a real serving loop on the reference engine, measured against the simulator on the same requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from perfmodel.cli.app import app
+from perfmodel.errors import PerfmodelError
+from perfmodel.output import check_format, console, emit, print_table, seconds
+
+# (key, label, path into the result) of every figure compared; latencies in seconds
+FIGURES = [(f"{m}_{q}", f"{m.upper()} {q}", (f"{m}_s", q)) for m in ("ttft", "tpot", "e2e") for q in ("p50", "p90", "p99")]
+FIGURES += [("throughput", "throughput tok/s", ("throughput_output_tokens_per_s",)),
+            ("requests_per_s", "requests/s", ("throughput_requests_per_s",)),
+            ("goodput", "goodput req/s", ("goodput_requests_per_s",)),
+            ("prefix_hit_rate", "prefix hit rate", ("prefix_hit_rate",))]
+
+
+def _get(d: dict, path: tuple):
+    for k in path:
+        d = d[k]
+    return float(d)
+
+
+def compare(measured: dict, simulated: dict) -> dict:
+    """Signed error of the simulation, in % of the measured value (+: the simulator predicts more)."""
+    out = {}
+    for key, _, path in FIGURES:
+        m, s = _get(measured, path), _get(simulated, path)
+        out[key] = 0.0 if m == s else (100.0 * (s - m) / m if m else float("inf"))
+    return out
+
+
+def _local_hardware() -> str:
+    import socket
+
+    return f"local-{socket.gethostname().split('.')[0].lower()}"
+
+
+@app.command("serve-bench")
+def serve_bench(
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m (real weights) or an engine model"),
+    layers: int = typer.Option(None, help="run only the first N layers"),
+    backend: str = typer.Option("torch", help="numpy | torch"),
+    flash: bool = typer.Option(True, "--flash/--no-flash", help="SDPA attention (torch backend)"),
+    threads: int = typer.Option(2, help="CPU threads of the engine"),
+    rate: float = typer.Option(1.0, help="Poisson arrivals per second"),
+    requests: int = typer.Option(40, help="requests to serve"),
+    input: str = typer.Option("uniform:64:256", "--input", help="prompt tokens: N, uniform:LO:HI, normal:MEAN:STD "
+                                                                "or lognormal:MEDIAN:SIGMA"),
+    output: str = typer.Option("24", help="output tokens (run to this length, EOS ignored)"),
+    trace: Path = typer.Option(None, help="CSV trace instead of Poisson arrivals"),
+    kv_blocks: int = typer.Option(256, help="KV blocks of the pool"),
+    block_tokens: int = typer.Option(16, help="tokens per KV block"),
+    chunked_prefill: int = typer.Option(0, help="prefill token budget per step (0: whole prompts)"),
+    max_batch: int = typer.Option(64, help="most sequences per step"),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache/--no-prefix-cache", help="reuse full prefix blocks"),
+    shared_prefix: int = typer.Option(0, help="tokens of a system prompt in front of every prompt"),
+    hardware: str = typer.Option(None, help="hardware for the simulation (default: local-<host>, from calibrate)"),
+    ttft: float = typer.Option(None, help="TTFT SLO for goodput"), tpot: float = typer.Option(None),
+    seed: int = typer.Option(0),
+    records: Path = typer.Option(None, help="write the real loop's records (JSON) here"),
+    replay: Path = typer.Option(None, help="simulate against the records of an earlier run instead of serving"),
+    format: str = typer.Option("table", "--format", help="table | json | csv"),
+) -> None:
+    """Serve Poisson (or trace) requests with the reference engine in real time, then simulate the same
+    requests; measured vs simulated TTFT/TPOT/E2E percentiles, throughput, goodput, prefix hit rate."""
+    import dataclasses
+
+    import numpy as np
+
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.planning.deploy import Deployment
+    from perfmodel.planning.simulate import SchedulerConfig, simulate
+    from perfmodel.planning.workload import LengthDist, Requests, poisson_requests, trace_requests
+    from perfmodel.serving.bench import ServeConfig, metrics
+    from perfmodel.specs import load_hardware, load_model
+
+    check_format(format)
+    hw_name = hardware or _local_hardware()
+    try:
+        hw = load_hardware(hw_name)
+    except PerfmodelError:
+        if hardware:
+            raise
+        raise PerfmodelError(f"--hardware: {hw_name} not found; run `perfmodel calibrate` on this machine first "
+                             "(or pass --hardware)") from None
+    if replay is not None:
+        rec = json.loads(Path(replay).read_text())
+        cfg = ServeConfig(**rec["config"])
+        w = rec["workload"]
+        reqs = Requests(np.asarray(w["arrival_s"]), np.asarray(w["input_tokens"]), np.asarray(w["output_tokens"]),
+                        np.asarray(w["prefix_tokens"]))
+        backend, dtype, flash, model, layers = w["backend"], w["dtype"], w["flash"], w["model"], w.get("layers")
+    else:
+        cfg = ServeConfig(kv_blocks, block_tokens, chunked_prefill, max_batch, prefix_cache)
+        SchedulerConfig(max_batch, block_tokens, chunked_prefill, kv_blocks, prefix_cache)  # validates the fields
+        reqs = trace_requests(trace) if trace else poisson_requests(
+            rate, requests, LengthDist.parse("--input", input), LengthDist.parse("--output", output), seed)
+        reqs = reqs.with_shared_prefix(shared_prefix) if shared_prefix else reqs.with_shared_prefix(0)
+        rec = _serve(model, layers, backend, flash, threads, reqs, cfg, seed)
+        dtype = "fp32"
+        rec["config"] = dataclasses.asdict(cfg)
+        rec["workload"] = {"model": model, "layers": layers, "backend": backend, "dtype": dtype, "flash": flash,
+                           "arrival_s": reqs.arrival_s.tolist(), "input_tokens": reqs.input_tokens.tolist(),
+                           "output_tokens": reqs.output_tokens.tolist(), "prefix_tokens": reqs.shared_prefix().tolist()}
+        if records is not None:
+            Path(records).parent.mkdir(parents=True, exist_ok=True)
+            Path(records).write_text(json.dumps(rec))
+    measured = metrics(rec, ttft, tpot)
+    spec = _engine_spec(model, layers)
+    engine_hw = dataclasses.replace(hw.for_engine(backend), host_overhead_us=measured["host_overhead_per_step_s"] * 1e6)
+    dep = Deployment(spec, engine_hw, precision=Precision(dtype, dtype, dtype), flash=flash and backend == "torch",
+                     exec_mode="eager")
+    simulated = simulate(dep, reqs, SchedulerConfig(cfg.max_batch, cfg.block_tokens, cfg.chunked_prefill,
+                                                    cfg.kv_blocks, cfg.prefix_cache), ttft, tpot)
+    err = compare(measured, simulated)
+    result = {"measured": measured, "simulated": simulated, "error_pct": err, "hardware": hw.name,
+              "host_overhead_us": measured["host_overhead_per_step_s"] * 1e6,
+              "workload": {"requests": len(reqs), "rate": None if trace or replay else rate, "input": input,
+                           "output": output, "shared_prefix": int(reqs.shared_prefix().max()), **dataclasses.asdict(cfg)}}
+    rows = [{"metric": label, "measured": _get(measured, path), "simulated": _get(simulated, path),
+             "error_pct": err[key]} for key, label, path in FIGURES]
+    if emit(format, result, rows):
+        return
+    fmt = lambda key, v: (f"{v * 100:.1f} %" if key == "prefix_hit_rate" else  # noqa: E731
+                          seconds(v) if key.split("_")[0] in ("ttft", "tpot", "e2e") else f"{v:,.2f}")
+    keyed = {label: key for key, label, _ in FIGURES}
+    print_table([{**r, "measured": fmt(keyed[r["metric"]], r["measured"]),
+                  "simulated": fmt(keyed[r["metric"]], r["simulated"]), "error_pct": f"{r['error_pct']:+.1f} %"}
+                 for r in rows], title=f"{spec.name} served on this machine vs simulated on {hw.name}: "
+                                       f"{len(reqs)} requests", columns={
+        "metric": ("figure", str), "measured": ("measured", str), "simulated": ("simulated", str),
+        "error_pct": ("error", str)})
+    console().print(f"{measured['iterations']} steps; host time outside the forward {seconds(measured['host_overhead_per_step_s'])}"
+                    f"/step (forward {seconds(measured['forward_per_step_s'])}); {measured['preemptions']} preemptions "
+                    f"measured, {simulated['preemptions']} simulated")
+
+
+def _engine_spec(model: str, layers: int | None):
+    from perfmodel.engine.loading import REAL_WEIGHTS
+    from perfmodel.specs import load_model
+
+    spec = load_model(model if model.lower() not in REAL_WEIGHTS else model.lower())
+    return spec.replace(num_layers=layers) if layers else spec
+
+
+def _serve(model, layers, backend, flash, threads, reqs, cfg, seed) -> dict:
+    import numpy as np
+
+    from perfmodel.engine.backend import make_backend
+    from perfmodel.engine.loading import load_engine_model
+    from perfmodel.engine.transformer import Transformer
+    from perfmodel.serving.bench import corpus_tokens, make_prompts, serve
+
+    if threads < 1:
+        raise PerfmodelError(f"--threads: must be an integer >= 1, got {threads}")
+    be = make_backend(backend)
+    if backend == "torch":
+        be.torch.set_num_threads(threads)
+    spec, weights, tok = load_engine_model(model, layers, seed)
+    if tok is not None:
+        prompts = make_prompts(corpus_tokens(tok), reqs, seed)
+    else:  # random weights: random token ids stand in for text
+        rng = np.random.default_rng(seed)
+        corpus = rng.integers(0, spec.vocab_size, 50_000)
+        prompts = make_prompts(corpus, reqs, seed)
+    engine = Transformer(spec, weights, be, flash=flash and backend == "torch")
+    return serve(engine, reqs, prompts, cfg)
