@@ -126,7 +126,9 @@ def test_serve_loop_outputs_match_generation_and_survive_preemption():
     pool small enough to preempt."""
     m = _engine()
     spec, be = m.spec, m.be
-    reqs = poisson_requests(400.0, 6, LengthDist("uniform", 5, 30), LengthDist("fixed", 6), seed=2)
+    # all queued at once (no timing dependence): two 20-token prompts fill the 6 blocks of 8, so growing to
+    # 25 tokens preempts
+    reqs = Requests(np.zeros(6), np.array([20, 20, 9, 30, 14, 20]), np.full(6, 6))
     corpus = np.random.default_rng(0).integers(0, spec.vocab_size, 2000)
     prompts = make_prompts(corpus, reqs)
     rec = serve(m, reqs, prompts, ServeConfig(kv_blocks=6, block_tokens=8, chunked_prefill=16), warmup=False,
