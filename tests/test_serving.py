@@ -210,3 +210,50 @@ def test_serve_bench_command_short_run(tmp_path):
     with contextlib.redirect_stdout(buf):
         assert main(["serve-bench", "--replay", str(out), "--hardware", "cpu-template", "--format", "json"]) == 0
     assert json.loads(buf.getvalue())["measured"] == r["measured"]
+
+
+def _smol_dep(hw_name="cpu-template"):
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.planning.deploy import Deployment
+    from perfmodel.specs import load_hardware, load_model
+
+    return Deployment(load_model("smollm2-135m"), load_hardware(hw_name), precision=Precision("fp32", "fp32", "fp32"),
+                      exec_mode="eager")
+
+
+def test_fit_recovers_known_matmul_terms():
+    import dataclasses
+
+    from perfmodel.serving.fit import _Steps, fit_terms, with_terms
+
+    dep = _smol_dep()
+    dep = dataclasses.replace(dep, hardware=dataclasses.replace(
+        dep.hardware, efficiency=dataclasses.replace(dep.hardware.efficiency, matmul_half_dim=16.0)))
+    rng = np.random.default_rng(0)
+    steps = []
+    for _ in range(40):
+        seqs = [(1, int(rng.integers(50, 400))) for _ in range(int(rng.integers(0, 12)))]
+        if rng.random() < 0.6 or not seqs:
+            seqs.insert(0, (int(rng.integers(8, 256)), 0))
+        steps.append({"sequences": seqs, "forward_s": 0.0})
+    truth = {"matmul_compute": 0.5, "matmul_memory": 2.0, "matmul_half_dim": 1.0}
+    measured = _Steps(dep, steps).predict(with_terms(dep.hardware, truth))
+    for s, t in zip(steps, measured):
+        s["forward_s"] = float(t)
+    _, rep = fit_terms(dep, steps)
+    assert rep["median_abs_error_pct_after"] < 1.0 < rep["median_abs_error_pct_before"]
+    # on this template the matmuls are compute-bound at every step size: the compute terms are what the
+    # steps determine (the memory multiplier is free to go anywhere that keeps them compute-bound)
+    assert rep["terms"]["matmul_compute"] == pytest.approx(0.5, rel=0.02)
+    assert rep["terms"]["matmul_half_dim"] == pytest.approx(1.0, rel=0.05)
+
+
+def test_closed_form_saturation_near_the_simulated_overload_throughput():
+    from perfmodel.planning.simulate import SchedulerConfig, StepCosts, simulate
+    from perfmodel.serving.capacity import saturation_rate
+
+    dep = _smol_dep()
+    reqs = Requests(np.zeros(200), np.full(200, 160), np.full(200, 24))  # all queued at once: overload
+    sim = simulate(dep, reqs, SchedulerConfig(64, 16, 256, 256))
+    cap = saturation_rate(StepCosts(dep), reqs.input_tokens, reqs.output_tokens, 64, 256)
+    assert cap["rate_rps"] == pytest.approx(sim["throughput_requests_per_s"], rel=0.15)

@@ -64,6 +64,8 @@ def serve_bench(
     seed: int = typer.Option(0),
     records: Path = typer.Option(None, help="write the real loop's records (JSON) here"),
     replay: Path = typer.Option(None, help="simulate against the records of an earlier run instead of serving"),
+    fit_steps: str = typer.Option(None, help="records of other runs (comma-separated JSON paths): fit the matmul "
+                                             "terms of the hardware to their steps (perfmodel.serving.fit) first"),
     format: str = typer.Option("table", "--format", help="table | json | csv"),
 ) -> None:
     """Serve Poisson (or trace) requests with the reference engine in real time, then simulate the same
@@ -105,6 +107,7 @@ def serve_bench(
         dtype = "fp32"
         rec["config"] = dataclasses.asdict(cfg)
         rec["workload"] = {"model": model, "layers": layers, "backend": backend, "dtype": dtype, "flash": flash,
+                           "rate": None if trace else rate, "input": input, "output": output,
                            "arrival_s": reqs.arrival_s.tolist(), "input_tokens": reqs.input_tokens.tolist(),
                            "output_tokens": reqs.output_tokens.tolist(), "prefix_tokens": reqs.shared_prefix().tolist()}
         if records is not None:
@@ -115,13 +118,35 @@ def serve_bench(
     engine_hw = dataclasses.replace(hw.for_engine(backend), host_overhead_us=measured["host_overhead_per_step_s"] * 1e6)
     dep = Deployment(spec, engine_hw, precision=Precision(dtype, dtype, dtype), flash=flash and backend == "torch",
                      exec_mode="eager")
+    fit = None
+    if fit_steps is not None:
+        from perfmodel.serving.fit import fit_terms, step_errors
+
+        steps = []
+        for f in [x.strip() for x in fit_steps.split(",") if x.strip()]:
+            if not Path(f).is_file():
+                raise PerfmodelError(f"--fit-steps: {f} not found")
+            train = json.loads(Path(f).read_text())
+            w = train.get("workload", {})
+            if (w.get("model"), w.get("backend"), w.get("layers")) != (model, backend, layers):
+                raise PerfmodelError(f"--fit-steps: {f} was measured with another model, depth or backend")
+            steps += train["steps"]
+        fitted, fit = fit_terms(dep, steps)
+        fit["records"] = fit_steps
+        fit["this_run_before"] = step_errors(dep, rec["steps"])
+        dep = dataclasses.replace(dep, hardware=fitted)
+        fit["this_run_after"] = step_errors(dep, rec["steps"])
     simulated = simulate(dep, reqs, SchedulerConfig(cfg.max_batch, cfg.block_tokens, cfg.chunked_prefill,
                                                     cfg.kv_blocks, cfg.prefix_cache), ttft, tpot)
     err = compare(measured, simulated)
-    result = {"measured": measured, "simulated": simulated, "error_pct": err, "hardware": hw.name,
+    sat = _saturation(dep, reqs, cfg)
+    if sat is not None and rec["workload"].get("rate"):
+        sat["utilisation_at_rate"] = rec["workload"]["rate"] / sat["rate_rps"]
+    result = {"measured": measured, "simulated": simulated, "error_pct": err, "hardware": hw.name, "fit": fit,
+              "saturation": sat,
               "host_overhead_us": measured["host_overhead_per_step_s"] * 1e6,
-              "workload": {"requests": len(reqs), "rate": None if trace or replay else rate, "input": input,
-                           "output": output, "shared_prefix": int(reqs.shared_prefix().max()), **dataclasses.asdict(cfg)}}
+              "workload": {"requests": len(reqs), "rate": rec["workload"].get("rate"),
+                           "input": rec["workload"].get("input", input), "output": rec["workload"].get("output", output), "shared_prefix": int(reqs.shared_prefix().max()), **dataclasses.asdict(cfg)}}
     rows = [{"metric": label, "measured": _get(measured, path), "simulated": _get(simulated, path),
              "error_pct": err[key]} for key, label, path in FIGURES]
     if emit(format, result, rows):
@@ -135,9 +160,39 @@ def serve_bench(
                                        f"{len(reqs)} requests", columns={
         "metric": ("figure", str), "measured": ("measured", str), "simulated": ("simulated", str),
         "error_pct": ("error", str)})
+    if sat is not None:
+        console().print(f"predicted saturation {sat['rate_rps']:.3f} requests/s (closed form, bound: {sat['bound']})"
+                        + (f"; utilisation ρ = {sat['utilisation_at_rate']:.2f} at the offered rate"
+                           if "utilisation_at_rate" in sat else ""))
+    if fit is not None:
+        console().print(f"fitted on {fit['steps']} steps of {fit['records']}: " + ", ".join(
+            f"{k} ×{v:.3g}" for k, v in fit["terms"].items()) + f"; this run's step error (median) "
+            f"{fit['this_run_before']['median_abs_error_pct']:.1f} % → {fit['this_run_after']['median_abs_error_pct']:.1f} %")
     console().print(f"{measured['iterations']} steps; host time outside the forward {seconds(measured['host_overhead_per_step_s'])}"
                     f"/step (forward {seconds(measured['forward_per_step_s'])}); {measured['preemptions']} preemptions "
                     f"measured, {simulated['preemptions']} simulated")
+
+
+def _saturation(dep, reqs, cfg) -> dict | None:
+    """The closed-form saturation rate of this deployment for the workload's lengths (planning.saturation),
+    where that module is present."""
+    own = reqs.input_tokens - (reqs.shared_prefix() if cfg.prefix_cache else 0)  # a cached prefix costs no prefill
+    try:
+        from perfmodel.planning.saturation import saturation
+    except ImportError:
+        from perfmodel.planning.simulate import StepCosts
+        from perfmodel.serving.capacity import saturation_rate
+
+        return saturation_rate(StepCosts(dep), own, reqs.output_tokens, cfg.max_batch, cfg.kv_blocks, cfg.block_tokens)
+    try:
+        r = saturation(dep, own, reqs.output_tokens, max_batch=cfg.max_batch, kv_blocks=cfg.kv_blocks,
+                       block_tokens=cfg.block_tokens)
+    except TypeError:  # another signature than the one this was written against: the serving closed form
+        from perfmodel.planning.simulate import StepCosts
+        from perfmodel.serving.capacity import saturation_rate
+
+        return saturation_rate(StepCosts(dep), own, reqs.output_tokens, cfg.max_batch, cfg.kv_blocks, cfg.block_tokens)
+    return {**{k: v for k, v in r.items() if isinstance(v, (int, float, str))}, "source": "perfmodel.planning.saturation"}
 
 
 def _engine_spec(model: str, layers: int | None):
