@@ -97,8 +97,8 @@ def table() -> None:
     names = [p.name.removesuffix(".records.json") for p in sorted(OUT.glob("*.records.json"))]
     names = [n for n in names if n != "sat"]
     sat = json.loads((OUT / "sat.json").read_text())
-    print("| run | offered req/s | model | " + " | ".join(KEYS) + " |")
-    print("|---|---|---|" + "---|" * len(KEYS))
+    print("| run | offered req/s | stalls | model | " + " | ".join(KEYS) + " |")
+    print("|---|---|---|---|" + "---|" * len(KEYS))
     results = {}
     for n in names:
         r = json.loads((OUT / f"{n}.json").read_text())
@@ -108,14 +108,33 @@ def table() -> None:
         rf = replay(n, fit_on)
         results[n] = (r, rf)
         rate = r["workload"]["rate"]
+        st = stalls(n, sat)
         for label, x in (("calibrated", r), ("+ fitted matmul terms", rf)):
-            print(f"| {n} | {rate:.3g} | {label} | " + " | ".join(cell(x, k) for k in KEYS) + " |")
+            print(f"| {n} | {rate:.3g} | {st} | {label} | " + " | ".join(cell(x, k) for k in KEYS) + " |")
     m, s = sat["measured"]["throughput_requests_per_s"], sat["simulated"]["throughput_requests_per_s"]
     print(f"\nsaturation (all 40 requests queued at once): measured {m:.3f} req/s, simulated {s:.3f} "
           f"({100 * (s / m - 1):+.1f} %)" + (f"; closed form {sat['saturation']['rate_rps']:.3f} req/s "
                                              f"({100 * (sat['saturation']['rate_rps'] / m - 1):+.1f} %)"
                                              if sat.get("saturation") else ""))
     sweep_plot(sat, results)
+
+
+def stalls(name: str, sat: dict) -> int:
+    """Steps whose forward took over 3x the calibrated prediction: the VM stalled (a neighbour, the
+    hypervisor); the same compositions run within ±40 % otherwise."""
+    import dataclasses
+
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.planning.deploy import Deployment
+    from perfmodel.serving.fit import _Steps
+    from perfmodel.specs import load_hardware, load_model
+
+    hw = load_hardware(sat["hardware"]).for_engine("torch")
+    dep = Deployment(load_model("smollm2-135m"), dataclasses.replace(hw), precision=Precision("fp32", "fp32", "fp32"),
+                     exec_mode="eager")
+    steps = json.loads((OUT / f"{name}.records.json").read_text())["steps"]
+    d = _Steps(dep, steps)
+    return int((d.measured > 3 * d.predict(hw)).sum())
 
 
 def sweep_plot(sat: dict, results: dict) -> None:
