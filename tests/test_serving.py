@@ -257,3 +257,12 @@ def test_closed_form_saturation_near_the_simulated_overload_throughput():
     sim = simulate(dep, reqs, SchedulerConfig(64, 16, 256, 256))
     cap = saturation_rate(StepCosts(dep), reqs.input_tokens, reqs.output_tokens, 64, 256)
     assert cap["rate_rps"] == pytest.approx(sim["throughput_requests_per_s"], rel=0.15)
+
+
+def test_serve_bench_refuses_a_file_that_is_not_records(tmp_path, capsys):
+    from perfmodel.cli.app import main
+
+    bad = tmp_path / "x.json"
+    bad.write_text('{"steps": []}')
+    assert main(["serve-bench", "--replay", str(bad), "--hardware", "cpu-template"]) == 2
+    assert "not a serve-bench records file" in capsys.readouterr().err

@@ -34,6 +34,21 @@ def compare(measured: dict, simulated: dict) -> dict:
     return out
 
 
+def _records(path, flag: str) -> dict:
+    """A records file of an earlier serve-bench run (--records), checked for what replay and fits read."""
+    p = Path(path)
+    if not p.is_file():
+        raise PerfmodelError(f"{flag}: {path} not found")
+    try:
+        rec = json.loads(p.read_text())
+        rec["steps"], rec["requests"], rec["stats"], rec["config"]  # noqa: B018
+        w = rec["workload"]
+        w["arrival_s"], w["input_tokens"], w["output_tokens"], w["prefix_tokens"], w["model"], w["backend"]  # noqa: B018
+    except (ValueError, KeyError, TypeError):
+        raise PerfmodelError(f"{flag}: {path} is not a serve-bench records file (write one with --records)") from None
+    return rec
+
+
 def _local_hardware() -> str:
     import socket
 
@@ -91,7 +106,7 @@ def serve_bench(
         raise PerfmodelError(f"--hardware: {hw_name} not found; run `perfmodel calibrate` on this machine first "
                              "(or pass --hardware)") from None
     if replay is not None:
-        rec = json.loads(Path(replay).read_text())
+        rec = _records(replay, "--replay")
         cfg = ServeConfig(**rec["config"])
         w = rec["workload"]
         reqs = Requests(np.asarray(w["arrival_s"]), np.asarray(w["input_tokens"]), np.asarray(w["output_tokens"]),
@@ -124,9 +139,7 @@ def serve_bench(
 
         steps = []
         for f in [x.strip() for x in fit_steps.split(",") if x.strip()]:
-            if not Path(f).is_file():
-                raise PerfmodelError(f"--fit-steps: {f} not found")
-            train = json.loads(Path(f).read_text())
+            train = _records(f, "--fit-steps")
             w = train.get("workload", {})
             if (w.get("model"), w.get("backend"), w.get("layers")) != (model, backend, layers):
                 raise PerfmodelError(f"--fit-steps: {f} was measured with another model, depth or backend")
