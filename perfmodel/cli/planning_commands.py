@@ -27,6 +27,13 @@ def _lengths(inp: str, out: str, trace: Path | None, n: int = 2000):
     return LengthDist.parse("--input", inp).sample(n, rng), LengthDist.parse("--output", out).sample(n, rng)
 
 
+def banded(nominal: float, band) -> str:
+    """'120 ms (95 ms–180 ms)': the nominal and its optimistic–pessimistic band."""
+    if not band:
+        return seconds(nominal)
+    return f"{seconds(nominal)} ({seconds(band[0])}–{seconds(band[1])})"
+
+
 def _precision(dtype, weight_dtype, kv_dtype):
     from perfmodel.costmodel.operators import Precision
 
@@ -44,6 +51,7 @@ def plan(
     percentile: float = typer.Option(90.0, help="the SLO holds for this percentile of request lengths"),
     dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
     max_tp: int = typer.Option(8), max_pp: int = typer.Option(4),
+    spare: int = typer.Option(0, help="replicas that may be down while the SLO still holds (N+1: 1)"),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
@@ -69,7 +77,7 @@ def plan(
     result = run_plan(m, hw, PlanInput(np.asarray(inp), np.asarray(out), rate),
                       check_slo(SLO(ttft, tpot, percentile)),
                       runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof), max_tp, max_pp,
-                      exec_mode=mode)
+                      exec_mode=mode, spare=spare)
     if emit(format, result, result["options"]):
         return
     c = console()
@@ -79,11 +87,17 @@ def plan(
         return
     b = result["best"]
     money = lambda v: "n/a" if v is None else f"${v:,.2f}"  # noqa: E731
+    spare_txt = f" ({spare} spare: the SLO holds with {spare} down)" if spare else ""
     c.print(f"[bold]{result['model']} on {result['hardware']}[/bold]: {b['gpus']} GPUs = {b['replicas']} "
-            f"replica(s) × TP{b['tp']}·PP{b['pp']}, batch {b['batch']} (fits {b['max_batch_fits']})")
-    c.print(f"p{percentile:g} TTFT {seconds(b['ttft_s'])}, TPOT {seconds(b['tpot_s'])}; "
-            f"{b['per_gpu_output_tokens_per_s']:,.0f} output tokens/s per GPU; "
-            f"{money(b['cost_per_million_output_tokens_usd'])} per million output tokens")
+            f"replica(s){spare_txt} × TP{b['tp']}·PP{b['pp']}, batch {b['batch']} (fits {b['max_batch_fits']})")
+    c.print(f"p{percentile:g} TTFT {banded(b['ttft_s'], b['ttft_band_s'])}, TPOT {banded(b['tpot_s'], b['tpot_band_s'])}"
+            f" (band: optimistic–pessimistic efficiency); {b['per_gpu_output_tokens_per_s']:,.0f} output tokens/s per "
+            f"GPU; {money(b['cost_per_million_output_tokens_usd'])} per million output tokens")
+    if b["saturation_rps_per_replica"]:
+        rho = "" if b["rho"] is None else f"; ρ = {b['rho']:.2f} at {rate:g} req/s" + (
+            f" ({b['rho_spare_down']:.2f} with {spare} down)" if spare else "")
+        c.print(f"saturation {b['saturation_rps_per_replica']:.3g} req/s per replica ({b['saturation_bound']}-bound)"
+                f"{rho}")
     c.print(f"binding constraint — {b['binding']}")
     for which in ("optimistic", "pessimistic"):
         o = result["band"][which]
@@ -91,10 +105,21 @@ def plan(
             c.print(f"  {which}: {o['gpus']} GPUs, batch {o['batch']}, {o['per_gpu_output_tokens_per_s']:,.0f} "
                     f"tokens/s/GPU, {money(o['cost_per_million_output_tokens_usd'])}/M tokens")
     cols = {"tp": ("TP", str), "pp": ("PP", str), "batch": ("batch", str), "replicas": ("replicas", str),
-            "gpus": ("GPUs", str), "ttft_s": ("TTFT", seconds), "tpot_s": ("TPOT", seconds),
+            "gpus": ("GPUs", str), "ttft": ("TTFT (band)", str), "tpot": ("TPOT (band)", str),
             "per_gpu_output_tokens_per_s": ("tok/s/GPU", lambda v: f"{v:,.0f}"),
+            "rho": ("ρ", lambda v: "n/a" if v is None else f"{v:.2f}"),
             "cost_per_million_output_tokens_usd": ("$/M tok", money)}
-    print_table(result["options"], title="every configuration that meets the SLO", columns=cols)
+    rows = [{**o, "ttft": banded(o["ttft_s"], o["ttft_band_s"]), "tpot": banded(o["tpot_s"], o["tpot_band_s"])}
+            for o in result["options"]]
+    print_table(rows, title="every configuration that meets the SLO", columns=cols)
+
+
+def _saturation_fields(dep, reqs, max_batch: int, block_tokens: int, kv_blocks: int, offered: float) -> dict:
+    """The closed-form saturation point of the simulated deployment and the utilisation ρ at the offered rate."""
+    from perfmodel.planning.saturation import saturation, utilisation
+
+    sat = saturation(dep, reqs.input_tokens, reqs.output_tokens, max_batch, kv_blocks, block_tokens)
+    return {"saturation": sat, "offered_rate_rps": offered, "rho": utilisation(offered, sat)}
 
 
 @app.command()
@@ -138,6 +163,8 @@ def simulate(
                      exec_mode=mode)
     r = run_sim(dep, reqs, SchedulerConfig(max_batch, block_tokens, chunked_prefill, kv_blocks, prefix_cache),
                 ttft, tpot)
+    offered = rate if not trace else len(reqs) / max(float(reqs.arrival_s[-1]), 1e-9)
+    r.update(_saturation_fields(dep, reqs, max_batch, block_tokens, r["kv_blocks"], offered))
     rows = [{"metric": k, "p50": r[k]["p50"], "p90": r[k]["p90"], "p99": r[k]["p99"]} for k in ("ttft_s", "tpot_s", "e2e_s")]
     if emit(format, r, rows):
         return
@@ -147,9 +174,11 @@ def simulate(
     c = console()
     c.print(f"throughput {r['throughput_output_tokens_per_s']:,.0f} output tokens/s, {r['throughput_requests_per_s']:.2f} "
             f"requests/s; goodput {r['goodput_requests_per_s']:.2f} requests/s ({r['slo_attainment'] * 100:.1f} % "
-            f"within SLO); utilisation {r['utilisation'] * 100:.0f} %; {r['preemptions']} preemptions; "
+            f"within SLO); busy {r['utilisation'] * 100:.0f} % of the time; {r['preemptions']} preemptions; "
             f"{r['kv_blocks']:,} KV blocks" + (f"; prefix-cache hit rate {r['prefix_hit_rate'] * 100:.1f} %"
                                                  if prefix_cache else ""))
+    c.print(f"saturation {r['saturation']['rate_rps']:.3g} req/s ({r['saturation']['bound']}-bound, batch "
+            f"{r['saturation']['batch']}); ρ = {r['rho']:.2f} at {offered:.3g} req/s (demand over capacity)")
 
 
 @app.command()
