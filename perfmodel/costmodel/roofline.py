@@ -45,20 +45,45 @@ def compute_roof(hw: HardwareSpec, kind: str, precision: Precision) -> float:
     return hw.vector_tflops * 1e12
 
 
+SKINNY_ROWS = 16  # matmuls of 2..16 rows (decode batches, short prompts) stream packed weights
+
+
+def _matmul_group(rows) -> np.ndarray:
+    rows = np.asarray(rows)
+    return np.where(rows == 1, "gemv", np.where(rows <= SKINNY_ROWS, "skinny", "matmul"))
+
+
 def efficiency_group(op: Op):
-    """The operator's efficiency group: its kind, except that a matmul of one row (decode at batch 1) is a
-    "gemv": BLAS runs it as a matrix-vector product that streams the weights once, while from two rows on it
-    packs the weights into panels first, which on a CPU costs about a second pass over them."""
+    """The operator's efficiency group: its kind, except that weight matmuls split by their row count. One row
+    (decode at batch 1) is a "gemv": BLAS runs a matrix-vector product that streams the weights once. From two
+    rows on it packs the weights into panels first (on a CPU about a second pass over them); up to SKINNY_ROWS
+    rows ("skinny": decode batches, short prompts) that packing and the weight stream are the whole cost, while
+    larger ones ("matmul") amortise it over enough rows to run near the compute roof."""
     if op.kind == "matmul" and op.min_dim is not None:
-        return np.where(np.asarray(op.min_dim) == 1, "gemv", "matmul")
+        return _matmul_group(op.min_dim)
     return np.asarray(op.kind)
 
 
 def _kind_multiplier(table: dict, op: Op):
     base = table.get(op.kind, 1.0)
-    if op.kind == "matmul" and "gemv" in table and op.min_dim is not None:
-        return np.where(np.asarray(op.min_dim) == 1, table["gemv"], base)
+    if op.kind == "matmul" and op.min_dim is not None and ("gemv" in table or "skinny" in table):
+        group = _matmul_group(op.min_dim)
+        return np.where(group == "gemv", table.get("gemv", base),
+                        np.where(group == "skinny", table.get("skinny", base), base))
     return base
+
+
+def _overhead_scale(scale: dict, op: Op):
+    """The fitted multiplier on an operator's per-call cost: by operator (and variant), else by group; a weight
+    matmul's is looked up within its row group ("gemv.q_proj"), since one operator behaves differently there."""
+    key = f"{op.name}:{op.variant}" if op.variant else op.name
+    if op.kind == "matmul" and op.min_dim is not None:
+        group = _matmul_group(op.min_dim)
+        by_group = {g: scale.get(f"{g}.{key}", scale.get(f"{g}.{op.name}", scale.get(g, scale.get("matmul", 1.0))))
+                    for g in ("gemv", "skinny", "matmul")}
+        return np.where(group == "gemv", by_group["gemv"],
+                        np.where(group == "skinny", by_group["skinny"], by_group["matmul"]))
+    return scale[key] if key in scale else scale.get(op.name, _kind_multiplier(scale, op))
 
 
 def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "eager",
@@ -89,9 +114,7 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
     if per_call is None:
         per_call = eff.op_overhead_map_us.get(op.name, eff.kind_overhead_us.get(op.kind, eff.op_overhead_us))
     if eff.kind_overhead_scale:
-        scale = eff.kind_overhead_scale
-        key = f"{op.name}:{op.variant}" if op.variant else op.name
-        per_call = per_call * (scale[key] if key in scale else scale.get(op.name, _kind_multiplier(scale, op)))
+        per_call = per_call * _overhead_scale(eff.kind_overhead_scale, op)
     # an operator made of several kernel calls (the blocked attention's matrix products) dispatches each
     overhead = (hw.launch_overhead_us + per_call * np.asarray(op.calls, dtype=np.float64)) * 1e-6
     return OpTiming(op, compute_s, memory_s, overhead)
