@@ -61,7 +61,7 @@ def check_number(flag: str, value: Any) -> Any:
 
 # --- paths ------------------------------------------------------------------------------------------------
 # role by parameter name: an existing input file, an output file, or an output folder
-PATH_ROLES = {"trace": "input", "measurements": "input", "out": "output", "out_dir": "folder",
+PATH_ROLES = {"trace": "input", "measurements": "input", "out": "output", "out_dir": "folder", "plot": "output",
               "out_root": "folder", "report_dir": "folder"}
 # (command, parameter) where the name alone says the wrong thing
 PATH_ROLE_OVERRIDES = {("kv-quality", "out"): "folder", ("validate", "measurements"): "input_or_builtin"}

@@ -114,11 +114,14 @@ def plan(
     print_table(rows, title="every configuration that meets the SLO", columns=cols)
 
 
-def _saturation_fields(dep, reqs, max_batch: int, block_tokens: int, kv_blocks: int, offered: float) -> dict:
+def _saturation_fields(dep, reqs, max_batch: int, block_tokens: int, kv_blocks: int, offered: float,
+                       prefix_cache: bool = False) -> dict:
     """The closed-form saturation point of the simulated deployment and the utilisation ρ at the offered rate."""
     from perfmodel.planning.saturation import saturation, utilisation
 
-    sat = saturation(dep, reqs.input_tokens, reqs.output_tokens, max_batch, kv_blocks, block_tokens)
+    shared = int(reqs.shared_prefix().max()) if prefix_cache else 0  # cached prefix blocks skip prefill
+    sat = saturation(dep, reqs.input_tokens, reqs.output_tokens, max_batch, kv_blocks, block_tokens,
+                     shared_prefix=shared)
     return {"saturation": sat, "offered_rate_rps": offered, "rho": utilisation(offered, sat)}
 
 
@@ -139,6 +142,11 @@ def simulate(
     ttft: float = typer.Option(None, help="TTFT SLO for goodput"), tpot: float = typer.Option(None),
     dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
+    rates: str = typer.Option(None, help="rate sweep LO:HI:STEP (e.g. 1:20:1) or R1,R2,...: the same requests at "
+                                         "each rate, the knee against the closed-form saturation"),
+    plot: Path = typer.Option(None, help="with --rates: write TTFT/TPOT p50/p90 against rate to FILE.png"),
+    bands: bool = typer.Option(True, "--bands/--no-bands",
+                               help="latency bands from the hardware's optimistic/pessimistic efficiency"),
     seed: int = typer.Option(0), format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Discrete-event simulation of continuous batching with a paged KV budget: latency percentiles, goodput."""
@@ -161,16 +169,40 @@ def simulate(
     hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
     dep = Deployment(m, hw, par, runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof),
                      exec_mode=mode)
-    r = run_sim(dep, reqs, SchedulerConfig(max_batch, block_tokens, chunked_prefill, kv_blocks, prefix_cache),
-                ttft, tpot)
+    cfg = SchedulerConfig(max_batch, block_tokens, chunked_prefill, kv_blocks, prefix_cache)
     offered = rate if not trace else len(reqs) / max(float(reqs.arrival_s[-1]), 1e-9)
-    r.update(_saturation_fields(dep, reqs, max_batch, block_tokens, r["kv_blocks"], offered))
-    rows = [{"metric": k, "p50": r[k]["p50"], "p90": r[k]["p90"], "p99": r[k]["p99"]} for k in ("ttft_s", "tpot_s", "e2e_s")]
-    if emit(format, r, rows):
+    if plot is not None and not rates:
+        raise PerfmodelError("--plot: draws a rate sweep; give --rates LO:HI:STEP with it")
+    if rates:
+        from perfmodel.cli.simulate_views import run_sweep
+        from perfmodel.planning.ratesweep import parse_rates
+        from perfmodel.planning.simulate import kv_pool_blocks
+
+        grid = parse_rates(rates)
+        sat = _saturation_fields(dep, reqs, max_batch, block_tokens, kv_blocks or kv_pool_blocks(dep, block_tokens),
+                                 offered, prefix_cache)["saturation"]
+        run_sweep(dep, reqs, offered, grid, cfg, ttft, tpot, sat, format, plot,
+                  f"{m.name} on {dep.hardware.name} (TP{tp}·PP{pp}): {len(reqs)} requests per rate", bands)
         return
-    print_table(rows, title=f"{m.name} on {dep.hardware.name} (TP{tp}·PP{pp}): {r['requests']} requests at "
-                            f"{rate if not trace else 'trace'} req/s", columns={
-        "metric": ("latency", str), "p50": ("p50", seconds), "p90": ("p90", seconds), "p99": ("p99", seconds)})
+    r = run_sim(dep, reqs, cfg, ttft, tpot)
+    r.update(_saturation_fields(dep, reqs, max_batch, block_tokens, r["kv_blocks"], offered, prefix_cache))
+    if bands:
+        from perfmodel.planning.ratesweep import latency_bands
+
+        r["band_s"] = latency_bands(dep, reqs, cfg, ttft, tpot)
+    band = lambda k, q: r["band_s"][k][q] if bands else None  # noqa: E731
+    rows = [{"metric": k, **{q: r[k][q] for q in ("p50", "p90", "p99")},
+             **{f"{q}_band": band(k, q) for q in ("p50", "p90", "p99")}} for k in ("ttft_s", "tpot_s", "e2e_s")]
+    csv_rows = [{k: (v if not isinstance(v, list) else "|".join(f"{x:.6g}" for x in v)) for k, v in x.items()}
+                for x in rows]
+    if emit(format, r, csv_rows):
+        return
+    cell = lambda q: lambda row: banded(row[q], row[f"{q}_band"])  # noqa: E731
+    print_table([{**x, **{q: cell(q)(x) for q in ("p50", "p90", "p99")}} for x in rows],
+                title=f"{m.name} on {dep.hardware.name} (TP{tp}·PP{pp}): {r['requests']} requests at "
+                      f"{rate if not trace else 'trace'} req/s" + (" (band: optimistic–pessimistic efficiency)"
+                                                                   if bands else ""), columns={
+        "metric": ("latency", str), "p50": ("p50", str), "p90": ("p90", str), "p99": ("p99", str)})
     c = console()
     c.print(f"throughput {r['throughput_output_tokens_per_s']:,.0f} output tokens/s, {r['throughput_requests_per_s']:.2f} "
             f"requests/s; goodput {r['goodput_requests_per_s']:.2f} requests/s ({r['slo_attainment'] * 100:.1f} % "
