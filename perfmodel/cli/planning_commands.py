@@ -52,6 +52,8 @@ def plan(
     dtype: str = typer.Option("bf16"), weight_dtype: str = typer.Option(None), kv_dtype: str = typer.Option(None),
     max_tp: int = typer.Option(8), max_pp: int = typer.Option(4),
     spare: int = typer.Option(0, help="replicas that may be down while the SLO still holds (N+1: 1)"),
+    disaggregate: bool = typer.Option(False, "--disaggregate/--no-disaggregate",
+                                      help="also search prefill:decode splits of the chosen shape (simulated)"),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
@@ -74,10 +76,14 @@ def plan(
         raise PerfmodelError(f"--model: plan serves decoder-only models; {m.name} is {m.architecture} "
                              "(use analyze for its request cost)")
     hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
+    prec = runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof)
     result = run_plan(m, hw, PlanInput(np.asarray(inp), np.asarray(out), rate),
-                      check_slo(SLO(ttft, tpot, percentile)),
-                      runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hw, prof), max_tp, max_pp,
-                      exec_mode=mode, spare=spare)
+                      check_slo(SLO(ttft, tpot, percentile)), prec, max_tp, max_pp, exec_mode=mode, spare=spare)
+    if disaggregate and result["feasible"]:
+        from perfmodel.cli.simulate_views import plan_split_for
+
+        result["disaggregation"] = plan_split_for(result["best"], m, hw, prec, mode, inp, out, rate, trace, ttft,
+                                                  tpot, percentile)
     if emit(format, result, result["options"]):
         return
     c = console()
@@ -112,12 +118,22 @@ def plan(
     rows = [{**o, "ttft": banded(o["ttft_s"], o["ttft_band_s"]), "tpot": banded(o["tpot_s"], o["tpot_band_s"])}
             for o in result["options"]]
     print_table(rows, title="every configuration that meets the SLO", columns=cols)
+    if result.get("disaggregation"):
+        from perfmodel.cli.simulate_views import print_plan_split
+
+        print_plan_split(result["disaggregation"], b, percentile)
 
 
 def _saturation_fields(dep, reqs, max_batch: int, block_tokens: int, kv_blocks: int, offered: float,
-                       prefix_cache: bool = False) -> dict:
+                       prefix_cache: bool = False, split=None, cfg=None) -> dict:
     """The closed-form saturation point of the simulated deployment and the utilisation ρ at the offered rate."""
     from perfmodel.planning.saturation import saturation, utilisation
+
+    if split is not None:  # P prefill and D decode instances: the pool that saturates first
+        from perfmodel.planning.disaggregate import split_capacity, split_saturation
+
+        sat = split_saturation(split_capacity(dep, reqs.input_tokens, reqs.output_tokens, cfg), split)
+        return {"saturation": sat, "offered_rate_rps": offered, "rho": utilisation(offered, sat)}
 
     shared = int(reqs.shared_prefix().max()) if prefix_cache else 0  # cached prefix blocks skip prefill
     sat = saturation(dep, reqs.input_tokens, reqs.output_tokens, max_batch, kv_blocks, block_tokens,
@@ -147,6 +163,8 @@ def simulate(
     plot: Path = typer.Option(None, help="with --rates: write TTFT/TPOT p50/p90 against rate to FILE.png"),
     bands: bool = typer.Option(True, "--bands/--no-bands",
                                help="latency bands from the hardware's optimistic/pessimistic efficiency"),
+    disaggregate: str = typer.Option(None, help="P:D: P prefill and D decode instances of the deployment, the "
+                                                "prompt's KV moved over the interconnect"),
     seed: int = typer.Option(0), format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
     """Discrete-event simulation of continuous batching with a paged KV budget: latency percentiles, goodput."""
@@ -173,6 +191,15 @@ def simulate(
     offered = rate if not trace else len(reqs) / max(float(reqs.arrival_s[-1]), 1e-9)
     if plot is not None and not rates:
         raise PerfmodelError("--plot: draws a rate sweep; give --rates LO:HI:STEP with it")
+    split, sim = None, run_sim
+    if disaggregate:
+        import functools
+
+        from perfmodel.planning.disaggregate import Split, simulate_split
+
+        split = Split.parse(disaggregate)
+        sim = functools.partial(simulate_split, split=split)
+    where = f"TP{tp}·PP{pp}" + (f", {split} prefill:decode instances" if split else "")
     if rates:
         from perfmodel.cli.simulate_views import run_sweep
         from perfmodel.planning.ratesweep import parse_rates
@@ -180,16 +207,17 @@ def simulate(
 
         grid = parse_rates(rates)
         sat = _saturation_fields(dep, reqs, max_batch, block_tokens, kv_blocks or kv_pool_blocks(dep, block_tokens),
-                                 offered, prefix_cache)["saturation"]
+                                 offered, prefix_cache, split, cfg)["saturation"]
         run_sweep(dep, reqs, offered, grid, cfg, ttft, tpot, sat, format, plot,
-                  f"{m.name} on {dep.hardware.name} (TP{tp}·PP{pp}): {len(reqs)} requests per rate", bands)
+                  f"{m.name} on {dep.hardware.name} ({where}): {len(reqs)} requests per rate", bands, sim)
         return
-    r = run_sim(dep, reqs, cfg, ttft, tpot)
-    r.update(_saturation_fields(dep, reqs, max_batch, block_tokens, r["kv_blocks"], offered, prefix_cache))
+    r = sim(dep, reqs, cfg, ttft, tpot)
+    r.update(_saturation_fields(dep, reqs, max_batch, block_tokens, r["kv_blocks"], offered, prefix_cache, split,
+                                cfg))
     if bands:
         from perfmodel.planning.ratesweep import latency_bands
 
-        r["band_s"] = latency_bands(dep, reqs, cfg, ttft, tpot)
+        r["band_s"] = latency_bands(dep, reqs, cfg, ttft, tpot, sim)
     band = lambda k, q: r["band_s"][k][q] if bands else None  # noqa: E731
     rows = [{"metric": k, **{q: r[k][q] for q in ("p50", "p90", "p99")},
              **{f"{q}_band": band(k, q) for q in ("p50", "p90", "p99")}} for k in ("ttft_s", "tpot_s", "e2e_s")]
@@ -199,7 +227,7 @@ def simulate(
         return
     cell = lambda q: lambda row: banded(row[q], row[f"{q}_band"])  # noqa: E731
     print_table([{**x, **{q: cell(q)(x) for q in ("p50", "p90", "p99")}} for x in rows],
-                title=f"{m.name} on {dep.hardware.name} (TP{tp}·PP{pp}): {r['requests']} requests at "
+                title=f"{m.name} on {dep.hardware.name} ({where}): {r['requests']} requests at "
                       f"{rate if not trace else 'trace'} req/s" + (" (band: optimistic–pessimistic efficiency)"
                                                                    if bands else ""), columns={
         "metric": ("latency", str), "p50": ("p50", str), "p90": ("p90", str), "p99": ("p99", str)})
@@ -209,6 +237,11 @@ def simulate(
             f"within SLO); busy {r['utilisation'] * 100:.0f} % of the time; {r['preemptions']} preemptions; "
             f"{r['kv_blocks']:,} KV blocks" + (f"; prefix-cache hit rate {r['prefix_hit_rate'] * 100:.1f} %"
                                                  if prefix_cache else ""))
+    if split:
+        from perfmodel.cli.simulate_views import print_split
+
+        print_split(r, dep, offered)
+        return
     c.print(f"saturation {r['saturation']['rate_rps']:.3g} req/s ({r['saturation']['bound']}-bound, batch "
             f"{r['saturation']['batch']}); ρ = {r['rho']:.2f} at {offered:.3g} req/s (demand over capacity)")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perfmodel.cli.planning_commands import banded
-from perfmodel.output import console, emit, print_table
+from perfmodel.output import console, emit, print_table, seconds, si
 
 
 def run_sweep(dep, reqs, offered: float, rates, cfg, ttft, tpot, sat: dict | None, fmt: str, plot: Path | None,
@@ -46,3 +46,46 @@ def run_sweep(dep, reqs, offered: float, rates, cfg, ttft, tpot, sat: dict | Non
         c.print(f"closed-form saturation {sat['rate_rps']:.3g} req/s ({sat['bound']}-bound){gap}")
     if plot is not None:
         c.print(f"plot: {res['plot']}")
+
+
+def print_split(r: dict, dep, offered: float) -> None:
+    """The disaggregated run's pools: KV transfer, busy fractions, the split's saturation and ρ."""
+    d, sat = r["disaggregation"], r["saturation"]
+    link = dep.hardware.interconnect
+    console().print(
+        f"{d['prefill']}:{d['decode']} prefill:decode instances; KV transfer p50 {seconds(d['kv_transfer_s']['p50'])}"
+        f" ({si(d['kv_transfer_bytes_mean'], 'B')} per prompt over {link.name}, {link.bandwidth_gbps:g} GB/s + "
+        f"{link.latency_us:g} µs); prefill pool busy {d['prefill_busy'] * 100:.0f} %, decode pool busy "
+        f"{d['decode_busy'] * 100:.0f} %\nsaturation {sat['rate_rps']:.3g} req/s ({sat['bound']}-bound: prefill pool "
+        f"{sat['prefill_rps']:.3g}, decode pool {sat['decode_rps']:.3g} req/s); ρ = {r['rho']:.2f} at "
+        f"{offered:.3g} req/s (demand over capacity)")
+
+
+def plan_split_for(best: dict, model, hw, precision, mode: str, inp, out, rate, trace, ttft: float, tpot: float,
+                   percentile: float) -> dict:
+    """plan --disaggregate: the cheapest P:D of the plan's chosen shape (TP·PP) at the offered load."""
+    from perfmodel.costmodel.parallel import Parallelism
+    from perfmodel.planning.deploy import Deployment
+    from perfmodel.planning.disaggregate import plan_disaggregated, plan_requests
+    from perfmodel.planning.workload import trace_requests
+
+    dep = Deployment(model, hw, Parallelism(best["tp"], best["pp"]), precision, exec_mode=mode)
+    reqs = trace_requests(trace) if trace is not None else plan_requests(inp, out, rate)
+    res = plan_disaggregated(dep, reqs, ttft, tpot, percentile)
+    res.pop("tried", None) if res["best"] else None
+    return res
+
+
+def print_plan_split(res: dict, colocated: dict, percentile: float) -> None:
+    c = console()
+    if not res["best"]:
+        c.print(f"disaggregated: {res['reason']}")
+        return
+    b = res["best"]
+    q = f"{percentile:g}"
+    money = "" if b["cost_per_million_output_tokens_usd"] is None else \
+        f", ${b['cost_per_million_output_tokens_usd']:,.2f} per million output tokens"
+    c.print(f"disaggregated (simulated at {res['rate_rps']:.3g} req/s): {b['prefill']}:{b['decode']} prefill:decode "
+            f"× TP{b['tp']}·PP{b['pp']} = {b['gpus']} GPUs (colocated: {colocated['gpus']}); p{q} TTFT "
+            f"{banded(b[f'ttft_p{q}_s'], b['ttft_band_s'])}, TPOT {banded(b[f'tpot_p{q}_s'], b['tpot_band_s'])}; "
+            f"ρ = {b['rho']:.2f}{money}")
