@@ -37,7 +37,7 @@ def kv_quality(
     check_format(format)
     chosen = name_list(methods) if methods else DEFAULT_METHODS
     for mth in chosen:
-        KVMethod.parse(mth, window)
+        KVMethod.parse(mth, window, field="--methods")
     if context < window + 64 or steps < 1 or segments < 1:
         raise PerfmodelError(f"--context: must be at least window + 64 = {window + 64}; --steps, --segments >= 1")
     spec, weights, tok = load_engine_model("smollm2-135m")

@@ -177,6 +177,23 @@ def materialised_keys(past, new, window=None, chunk=None):
     return np.minimum(total, window + np.asarray(new) - 1)
 
 
+# batch x tokens x tokens below which every int64 count stays below 2**63: attention FLOPs are at most
+# 4 x heads x head_dim (2**15) x layers (2**7) = 2**24 per (query, key) pair
+_EXACT_WORK = 2.0**38
+
+
+def count_arrays(batch, *tokens):
+    """The workload's counts as arrays: int64 (exact) while batch x tokens x tokens stays small enough that
+    no FLOP or byte count (x layers x heads x dims) can pass 2**63, else float64. int64 arrays wrap silently:
+    a batch of 16 M prompts of 16 M tokens would otherwise print negative FLOPs."""
+    arrays = [np.asarray(x) for x in (batch, *tokens)]
+    peak = [float(np.max(np.abs(a))) if a.size else 0.0 for a in arrays]
+    longest = max([1.0, *peak[1:]])
+    if any(a.dtype.kind == "f" for a in arrays) or peak[0] * 2 * longest * longest >= _EXACT_WORK:
+        return tuple(a.astype(np.float64) for a in arrays)
+    return tuple(arrays)
+
+
 ATTN_BLOCK = 128  # query rows per block of the non-flash causal kernel
 
 
@@ -236,7 +253,7 @@ def kv_cache_bytes(model: ModelSpec, tokens, batch=1, kv_dtype: str = "bf16"):
     """2*kv_heads*head_dim*bytes per token and layer (the MLA latent for MLA), summed over the layer types: a
     global layer holds every token, a sliding layer at most its window, a chunked layer at most one chunk;
     times batch."""
-    tokens = np.asarray(tokens)
+    batch, tokens = count_arrays(batch, tokens)
     held = sum(n * cached_tokens(tokens, model.cache_cap(t)) for t, n in model.layer_type_counts().items())
     return batch * held * kv_bytes_per_token_layer(model, kv_dtype)
 
@@ -373,9 +390,7 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
     m = model
     b = _Builder(m, p)
     a = p.act_bytes
-    B = np.asarray(batch)
-    T = np.asarray(new_tokens)
-    P = np.asarray(past_tokens)
+    B, T, P = count_arrays(batch, new_tokens, past_tokens)
     N = B * T
     if phase is None:
         phase = "decode" if np.all(T == 1) else "prefill"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from perfmodel.errors import PerfmodelError
+from perfmodel.errors import PerfmodelError, show
 
 KINDS = ("dense", "per-token", "per-channel", "kivi", "h2o", "streaming")
 
@@ -37,8 +37,8 @@ class KVMethod:
         return f"{self.kind}:{s}{extra}"
 
     @staticmethod
-    def parse(text: str, window: int = 32) -> "KVMethod":
-        bad = PerfmodelError(f"--kv-prune: {text!r} is not valid; allowed: dense, per-token:S[:output], "
+    def parse(text: str, window: int = 32, field: str = "--kv-prune") -> "KVMethod":
+        bad = PerfmodelError(f"{field}: {show(text)} is not valid; allowed: dense, per-token:S[:output], "
                              "per-channel:S[:output], kivi:2|4, h2o:S, streaming:S (S in [0, 1), K/V as SK/SV)")
         parts = str(text).split(":")
         kind = parts[0]
