@@ -2,7 +2,9 @@
 
 - Float formats (fp32, tf32, bf16, fp16, fp8) carry no metadata.
 - Integer formats (int8, int4) carry one fp16 scale per group of 128 elements, the common group-wise weight
-  quantisation layout (AWQ/GPTQ g128).
+  quantisation layout (AWQ/GPTQ g128). int8_channel carries one 16-bit scale per output channel (per row of
+  `row` input elements): the layout of PyTorch's weight-only int8 kernel (aten._weight_int8pack_mm), which the
+  reference engine's int8 draft model runs; without `row` its scales are not counted.
 - Block formats store whole blocks: `block_bytes` per `block_size` elements, codes and the block's scales
   (and mins) together, a partial last block padded to a whole one; some also carry one scale per tensor.
   * NVFP4: 16 e2m1 codes (8 bytes) + one fp8 e4m3 scale per block, plus one fp32 scale per tensor
@@ -42,6 +44,7 @@ class DType:
     block_bytes: int = 0  # bytes of one whole block: codes, scales and mins
     tensor_scale_bytes: int = 0  # one per tensor (NVFP4's fp32 second-level scale)
     native: str | None = None  # peak_tflops key of tensor cores that take this format as a matmul operand
+    per_row: bool = False  # one scale per row of `row` elements (per output channel of a matmul weight)
 
     @property
     def is_block(self) -> bool:
@@ -55,6 +58,7 @@ DTYPES: dict[str, DType] = {
     "fp16": DType("fp16", 16, native="fp16"),
     "fp8": DType("fp8", 8, native="fp8"),
     "int8": DType("int8", 8, group_size=128, scale_bytes=2, native="int8"),
+    "int8_channel": DType("int8_channel", 8, scale_bytes=2, per_row=True),  # weight-only: dequantised
     "int4": DType("int4", 4, group_size=128, scale_bytes=2),  # AWQ/GPTQ g128: weight-only, always dequantised
     "nvfp4": DType("nvfp4", 4, block_size=16, block_bytes=16 // 2 + 1, tensor_scale_bytes=4, native="fp4"),
     "mxfp4": DType("mxfp4", 4, block_size=32, block_bytes=32 // 2 + 1, native="fp4"),
@@ -89,6 +93,8 @@ def elements_bytes(n_elements, dtype: DType | str, row: int | None = None):
     payload = n_elements * dt.bits // 8 if dt.bits >= 8 else (n_elements * dt.bits + 7) // 8
     if dt.group_size:
         payload = payload + -(-n_elements // dt.group_size) * dt.scale_bytes
+    if dt.per_row and row:
+        payload = payload + (n_elements // row) * dt.scale_bytes
     return payload
 
 

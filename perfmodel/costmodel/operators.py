@@ -280,14 +280,17 @@ class _Builder:
         self.a = precision.act_bytes
         self.ops: list[Op] = []
 
-    def wbytes(self, n):
-        return tensor_bytes(n, self.p.weights)
+    def wbytes(self, n, row=None):
+        """row: elements per row along the input dimension, for formats with a scale per row (int8_channel)."""
+        dt = get_dtype(self.p.weights)
+        return tensor_bytes(n, dt, row if dt.per_row else None)
 
     def matmul(self, name, layers, tokens, k, n, bias=False, weight_elems=None, weight_bytes=None,
                group="layer", rows_per_weight=None, epilogue_flops=0, out_cols=None):
         """[tokens, k] x [k, n] with weights read once. A fused epilogue (an activation applied before the
         result leaves the kernel) adds epilogue_flops and writes only out_cols columns per row."""
-        wb = self.wbytes(k * n if weight_elems is None else weight_elems) if weight_bytes is None else weight_bytes
+        wb = (self.wbytes(k * n if weight_elems is None else weight_elems, k) if weight_bytes is None
+              else weight_bytes)
         flops = 2 * tokens * k * n + (tokens * n if bias else 0) + epilogue_flops
         cols = n if out_cols is None else out_cols
         self.ops.append(Op(name, "matmul", layers, flops, weight_bytes=wb + (n * self.a if bias else 0),
@@ -398,10 +401,10 @@ def phase_ops(model: ModelSpec, batch, new_tokens, past_tokens=0, precision: Pre
     kv_tok = kv_bytes_per_token_layer(m, p.kv_cache)
 
     # embedding: gather rows (plus the learned position rows for GPT-2)
-    emb_read = N * b.wbytes(h)
+    emb_read = N * b.wbytes(h, h)
     emb_flops = 0
     if m.positions == "learned":
-        emb_read = emb_read + N * b.wbytes(h)
+        emb_read = emb_read + N * b.wbytes(h, h)
         emb_flops = N * h
     b.ops.append(Op("embed", "memory", 1, emb_flops, weight_bytes=emb_read, act_read_bytes=N * INDEX_BYTES,
                     act_write_bytes=N * h * a, group="embed"))

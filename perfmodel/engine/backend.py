@@ -81,6 +81,10 @@ class NumpyBackend:
     def take(self, table, ids):
         return table[ids]
 
+    def gather_nbytes(self, table, rows) -> int:
+        """Bytes read from `table` to gather `rows` (a quantised table reads its codes and scales)."""
+        return self.nbytes(rows)
+
     def concat(self, xs, axis):
         return np.concatenate(xs, axis=axis)
 
@@ -153,6 +157,10 @@ class TorchBackend:
 
     def take(self, table, ids):
         return table[ids]
+
+    def gather_nbytes(self, table, rows) -> int:
+        """Bytes read from `table` to gather `rows` (a quantised table reads its codes and scales)."""
+        return self.nbytes(rows)
 
     def concat(self, xs, axis):
         return self.torch.cat(xs, dim=axis)

@@ -334,7 +334,7 @@ class Transformer:
         t0 = self.tr.start()
         ids_a = be.index_array(ids)
         x = be.take(self.w.tok_emb, ids_a)
-        weight = self._nb(x)  # the gathered rows are what is read from the table
+        weight = be.gather_nbytes(self.w.tok_emb, x)  # the gathered rows are what is read from the table
         flops = 0
         if self.w.pos_emb is not None:
             p = be.take(self.w.pos_emb, be.index_array(pos))

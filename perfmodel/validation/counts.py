@@ -77,3 +77,21 @@ def compare_generation(spec: ModelSpec, records: list[OpRecord], batch: int, pro
                 if e[f] != m[f]:
                     mism.append(Mismatch(phase, step, name, f, e[f], m[f]))
     return mism
+
+
+def compare_forwards(records: list[OpRecord], expected: dict) -> list[Mismatch]:
+    """Engine records against the cost model's operators per (phase, step): expected maps (phase, step) to
+    that forward's list of Ops (e.g. costmodel.speculative.verify_ops)."""
+    eng = engine_totals(records)
+    mism: list[Mismatch] = []
+    for key in sorted(set(eng) | set(expected), key=lambda k: (k[1], k[0])):
+        ops, pred = eng.get(key, {}), op_totals(expected.get(key, []))
+        for name in sorted(set(ops) | set(pred)):
+            e, m = ops.get(name), pred.get(name)
+            if e is None or m is None:
+                mism.append(Mismatch(*key, name, "missing in " + ("engine" if e is None else "model"), 0, 0))
+                continue
+            for f in FIELDS:
+                if e[f] != m[f]:
+                    mism.append(Mismatch(*key, name, f, e[f], m[f]))
+    return mism
