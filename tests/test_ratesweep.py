@@ -1,6 +1,7 @@
 """simulate --rates: the same workload at every rate, its knee against the closed form; simulate's bands."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -59,6 +60,9 @@ def test_cli_sweep_json_csv_plot(tmp_path, capsys):
     assert [r["rate_rps"] for r in d["rows"]] == [10, 40, 160] and d["plot"] == str(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file, nothing left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert png.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
     for r in d["rows"]:
         lo, hi = r["tpot_p50_band_s"]
         assert lo <= r["tpot_p50_s"] <= hi and lo < hi

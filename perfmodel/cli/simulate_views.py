@@ -71,7 +71,7 @@ def plan_split_for(best: dict, model, hw, precision, mode: str, inp, out, rate, 
 
     dep = Deployment(model, hw, Parallelism(best["tp"], best["pp"]), precision, exec_mode=mode)
     reqs = trace_requests(trace) if trace is not None else plan_requests(inp, out, rate)
-    res = plan_disaggregated(dep, reqs, ttft, tpot, percentile)
+    res = plan_disaggregated(dep, reqs, ttft, tpot, percentile, rate=rate if trace is None else None)
     res.pop("tried", None) if res["best"] else None
     return res
 

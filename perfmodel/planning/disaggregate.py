@@ -269,14 +269,15 @@ def split_saturation(cap: dict, split: Split) -> dict:
 
 
 def plan_split(dep: Deployment, reqs: Requests, cfg: SchedulerConfig, ttft_slo: float, tpot_slo: float,
-               percentile: float = 90.0, max_instances: int = 64) -> dict:
+               percentile: float = 90.0, max_instances: int = 64, rate: float | None = None) -> dict:
     """The cheapest P:D (fewest instances) whose simulated percentile TTFT and TPOT meet the SLO and whose
     closed-form capacity sustains the offered rate (rho < 1: a finite run of an overloaded split can pass its
     SLO and still queue without bound). Among equally cheap splits, the one with the most slack.
 
     Instances are tried in order of total count, so the first total with a feasible split is the minimum; the
     closed-form capacities give every split's lower bounds on P and D (rho < 1), which skip the hopeless ones."""
-    rate = len(reqs) / max(float(reqs.arrival_s[-1] - reqs.arrival_s[0]), 1e-12)
+    # the offered rate (a Poisson draw's own mean rate wobbles around it), else the trace's
+    rate = rate or len(reqs) / max(float(reqs.arrival_s[-1] - reqs.arrival_s[0]), 1e-12)
     cap = split_capacity(dep, reqs.input_tokens, reqs.output_tokens, cfg)
     p_lo = max(1, int(np.floor(rate / cap["prefill_rps_per_instance"])) + 1)
     d_lo = max(1, int(np.floor(rate / cap["decode_rps_per_instance"])) + 1)
@@ -316,12 +317,13 @@ def plan_requests(input_tokens, output_tokens, rate: float, n: int = PLAN_REQUES
 
 
 def plan_disaggregated(dep: Deployment, reqs: Requests, ttft_slo: float, tpot_slo: float, percentile: float = 90.0,
-                       cfg: SchedulerConfig = SchedulerConfig(), max_instances: int = 64) -> dict:
+                       cfg: SchedulerConfig = SchedulerConfig(), max_instances: int = 64,
+                       rate: float | None = None) -> dict:
     """plan_split for one deployment shape, with GPUs, cost and the chosen split's latency band (the same
     requests under the hardware's optimistic and pessimistic efficiencies)."""
     import dataclasses
 
-    res = plan_split(dep, reqs, cfg, ttft_slo, tpot_slo, percentile, max_instances)
+    res = plan_split(dep, reqs, cfg, ttft_slo, tpot_slo, percentile, max_instances, rate)
     best = res["best"]
     if best is None:
         return res

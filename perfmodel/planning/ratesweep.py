@@ -120,7 +120,8 @@ def plot(result: dict, path: Path, title: str) -> Path:
             ax.plot(x, [r[f"{m}_{q}_s"] for r in rows], style, color="C0", marker=".", label=q)
             if f"{m}_{q}_band_s" in rows[0]:
                 ax.fill_between(x, [r[f"{m}_{q}_band_s"][0] for r in rows], [r[f"{m}_{q}_band_s"][1] for r in rows],
-                                color="C0", alpha=0.12 if q == "p50" else 0.06, lw=0)
+                                color="C0", alpha=0.12 if q == "p50" else 0.06, lw=0,
+                                label=f"{q} optimistic–pessimistic band")
         if result.get("saturation_rps"):
             ax.axvline(result["saturation_rps"], color="C2", ls=":", lw=1.2,
                        label=f"closed-form saturation {result['saturation_rps']:.3g}/s")
