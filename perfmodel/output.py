@@ -112,20 +112,68 @@ def emit(fmt: str, payload, rows: list[dict] | None = None) -> bool:
     return False
 
 
+def _umask_mode() -> int:
+    """The mode a plain new file gets here (0644 under the usual 022 umask); mkstemp's own is 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write) -> Path:
-    """Write through a temp file in the same folder, then rename: a failure leaves nothing half-written."""
+    """Write through a temp file in the same folder, then rename: a failure leaves nothing half-written and
+    an earlier file at path untouched. The file gets the mode a plain write would (the existing file's, else
+    the umask's), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else _umask_mode()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the user's path, not the temp file's
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     try:
         write(Path(tmp))
-        # mkstemp makes the file owner-only; give it the mode a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == tmp:
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return path
+
+
+def write_frames(path: Path, frames, progress=None) -> int:
+    """Stream DataFrames (same columns) to one CSV or Parquet file, atomically: rows are appended to a temp
+    file chunk by chunk, so memory holds one chunk whatever the total. Returns the rows written."""
+    path = Path(path)
+    rows = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal rows
+        if path.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            writer = None
+            try:
+                for df in frames:
+                    table = pa.Table.from_pandas(df, preserve_index=False)
+                    writer = writer or pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+                    rows += len(df)
+                    if progress:
+                        progress(len(df))
+            finally:
+                if writer is not None:
+                    writer.close()
+            return
+        with open(tmp, "w", newline="") as f:
+            for df in frames:
+                df.to_csv(f, index=False, header=rows == 0, lineterminator="\n")
+                rows += len(df)
+                if progress:
+                    progress(len(df))
+
+    atomic_write(path, write)
+    return rows

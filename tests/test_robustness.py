@@ -25,3 +25,71 @@ def test_small_counts_stay_exact_integers():
     # closed form: 2 * layers * kv_heads * head_dim * tokens * bytes
     assert int(kv_cache_bytes(m, 1000, 3, "bf16")) == 2 * 32 * 8 * 128 * 1000 * 3 * 2
     assert float(kv_cache_bytes(m, 2**24, 2**24, "bf16")) == 2.0 * 32 * 8 * 128 * 2**24 * 2**24 * 2
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_atomic_write_keeps_plain_file_modes_and_the_earlier_file_on_failure(tmp_path):
+    import os
+
+    import pytest
+
+    from perfmodel.output import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        p = atomic_write(tmp_path / "sub" / "r.csv", lambda t: t.write_text("a\n1\n"))
+        assert p.stat().st_mode & 0o777 == 0o644  # as open() would make it, not mkstemp's 0600
+        os.chmod(p, 0o640)
+        atomic_write(p, lambda t: t.write_text("a\n2\n"))
+        assert p.stat().st_mode & 0o777 == 0o640 and p.read_text() == "a\n2\n"  # a re-run keeps the file's mode
+
+        def fail(t):
+            t.write_text("half")
+            raise RuntimeError("disk full")
+
+        with pytest.raises(RuntimeError):
+            atomic_write(p, fail)
+        assert p.read_text() == "a\n2\n" and sorted(x.name for x in p.parent.iterdir()) == ["r.csv"]
+    finally:
+        os.umask(old)
+
+
+def test_calibrate_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
+    from perfmodel.cli.app import main
+
+    lib = tmp_path / "local-box.yaml"
+    lib.write_text("# a hand-written hardware file\nname: box\n")
+    assert main(["calibrate", "--name", "box", "--out-dir", str(tmp_path), "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "never overwritten" in err[0]
+    assert lib.read_text().startswith("# a hand-written")
+    for bad in ("../box", "a/b", ".x", "x" * 65):
+        assert main(["calibrate", "--name", bad, "--out-dir", str(tmp_path)]) == 2
+    assert "--name" in capsys.readouterr().err
+
+
+def test_output_path_that_is_a_folder_or_unwritable_is_one_line(tmp_path, capsys):
+    import os
+
+    from perfmodel.cli.app import main
+
+    (tmp_path / "d.csv").mkdir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    cases = [["sweep", "--batch", "1", "--out", str(tmp_path / "d.csv")],
+             ["kv-quality", "--out", str(tmp_path / "f")], ["compare", "--out-dir", str(tmp_path / "f")]]
+    (tmp_path / "f").write_text("x")
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append(["sweep", "--batch", "1", "--out", str(ro / "g.csv")])
+    for args in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("perfmodel: error: --out"), err

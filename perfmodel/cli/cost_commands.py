@@ -7,12 +7,16 @@ from pathlib import Path
 import typer
 
 from perfmodel.cli.app import app
-from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
+import numpy as np
+
+from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_axis, int_list, name_list
 from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime, runtime_precision
 from perfmodel.errors import PerfmodelError, bad_value
-from perfmodel.output import atomic_write, check_format, emit, print_table, seconds, si
+from perfmodel.output import check_format, console, emit, print_table, seconds, si
 
 FORMAT_HELP = "table | json | csv"
+PRINT_MAX = 100_000  # sweep points printed to stdout; larger grids go to --out
+TABLE_ROWS = 200  # rows a sweep table shows
 
 
 @app.command()
@@ -143,47 +147,83 @@ def sweep_cmd(
     out: Path = typer.Option(None, help="write the grid to FILE.csv or FILE.parquet"),
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
-    """A vectorised grid of models × hardware × batch × input × output (request-level summary)."""
-    from rich.progress import Progress
+    """A vectorised grid of models × hardware × batch × input × output (request-level summary); any size with
+    --out, streamed in chunks in bounded memory."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from perfmodel.costmodel.operators import Precision
-    from perfmodel.costmodel.sweep import sweep
+    from perfmodel.costmodel.sweep import grid_points, iter_sweep
+    from perfmodel.output import write_frames
     from perfmodel.specs import load_hardware, load_model
 
     check_format(format)
     if out is not None and out.suffix not in (".csv", ".parquet"):
         raise bad_value("--out", str(out), "a path ending in .csv or .parquet")
-    models_ = [load_model(x) for x in name_list(model)]
-    resolved = [runtime(load_hardware(x), exec, framework) for x in name_list(hardware)]
+    if out is not None and out.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise PerfmodelError("--out: writing .parquet needs pyarrow (pip install 'perfmodel[parquet]'); "
+                                 "use .csv") from None
+    for flag, text in (("--model", model), ("--hardware", hardware)):
+        if not name_list(text):
+            raise bad_value(flag, text, "one or more names or paths separated by commas")
+    # axes within their rules; int32 halves an axis of up to 16 M values
+    grid = [int_axis(f, t).astype(np.int32) for f, t in (("--batch", batch), ("--input", input), ("--output", output))]
+    tps = tuple(int_list("--tp", tp))
+    names_m, names_h = name_list(model), name_list(hardware)
+    points = grid_points(len(names_m), len(names_h), tps, *grid)
+    if out is None and points > PRINT_MAX:
+        raise PerfmodelError(
+            f"sweep: the grid has {points:,} points ({len(names_m)} model × {len(names_h)} hardware × {len(tps)} tp × "
+            f"{len(grid[0]):,} batch × {len(grid[1]):,} input × {len(grid[2]):,} output); printing allows at most "
+            f"{PRINT_MAX:,}: write it with --out FILE.csv (or FILE.parquet)")
+    models_ = [load_model(x) for x in names_m]
+    resolved = [runtime(load_hardware(x), exec, framework) for x in names_h]
     hws, mode = [r[0] for r in resolved], resolved[0][1]
     precision = runtime_precision(Precision(weight_dtype or dtype, dtype, kv_dtype or dtype), hws[0],
                                   resolved[0][2])
-    grid = (int_list("--batch", batch), int_list("--input", input), int_list("--output", output))
-    with Progress(transient=True, disable=format != "table") as prog:
-        task = prog.add_task("sweeping", total=len(models_) * len(hws) * len(int_list("--tp", tp)))
-        df = sweep(models_, hws, *grid, precision=precision, flash=flash,
-                   progress=lambda: prog.advance(task), exec_mode=mode, tps=tuple(int_list("--tp", tp)))
-    if out is not None:
-        if out.suffix == ".parquet":
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise PerfmodelError("--out: writing .parquet needs pyarrow (pip install pyarrow); use .csv") from None
-            atomic_write(out, lambda p: df.to_parquet(p, index=False))
+    frames = iter_sweep(models_, hws, *grid, precision=precision, flash=flash, exec_mode=mode, tps=tps)
+    shown: list = []  # the rows printed: all of a printable grid, else the first TABLE_ROWS
+
+    limit = points if points <= PRINT_MAX else TABLE_ROWS
+
+    def keep(stream):
+        for df in stream:
+            if len(shown) < limit:
+                shown.extend(df.head(limit - len(shown)).to_dict(orient="records"))
+            yield df
+
+    t0 = time.perf_counter()
+    # the bar goes to stderr (stdout may be the JSON/CSV) and only on a terminal
+    bar = Console(stderr=True)
+    with Progress(TextColumn("sweeping"), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
+                  TimeRemainingColumn(), transient=True, console=bar, disable=not bar.is_terminal) as prog:
+        task = prog.add_task("sweep", total=points)
+        advance = lambda n: prog.advance(task, n)  # noqa: E731
+        if out is not None:
+            write_frames(out, keep(frames), progress=advance)
         else:
-            atomic_write(out, lambda p: df.to_csv(p, index=False))
-    rows = df.to_dict(orient="records")
-    if emit(format, rows):
+            for df in keep(frames):
+                advance(len(df))
+    dt = time.perf_counter() - t0
+    if points > PRINT_MAX:  # written to --out only: say where, how many, how fast
+        summary = {"out": str(out), "points": points, "seconds": round(dt, 3), "points_per_s": round(points / dt)}
+        if emit(format, summary, [summary]):
+            return
+        console().print(f"wrote {points:,} points to {out} in {dt:.1f} s ({points / dt:,.0f} points/s)")
+    elif emit(format, shown):
         return
     cols = {"model": ("model", str), "hardware": ("hardware", str), "batch": ("batch", lambda v: f"{v:g}"),
             "input": ("input", lambda v: f"{v:g}"), "output": ("output", lambda v: f"{v:g}"),
             "ttft_s": ("TTFT", seconds), "tpot_s": ("TPOT", seconds), "e2e_s": ("e2e", seconds),
             "tokens_per_s": ("tokens/s", lambda v: f"{v:,.0f}"), "memory_bytes": ("memory", lambda v: si(v, "B")),
             "fits": ("fits", str)}
-    shown = rows if len(rows) <= 200 else rows[:200]
-    print_table(shown, title=f"sweep: {len(rows)} points" + (f" (first 200; all in {out})" if len(rows) > 200 and out
-                                                             else " (first 200)" if len(rows) > 200 else ""),
-                columns=cols)
+    first = f" (first {TABLE_ROWS}" + (f"; all in {out})" if out else ")") if points > TABLE_ROWS else ""
+    print_table(shown[:TABLE_ROWS], title=f"sweep: {points:,} points{first}", columns=cols)
 
 
 @app.command("frameworks")

@@ -126,8 +126,9 @@ def serve_bench(
                            "arrival_s": reqs.arrival_s.tolist(), "input_tokens": reqs.input_tokens.tolist(),
                            "output_tokens": reqs.output_tokens.tolist(), "prefix_tokens": reqs.shared_prefix().tolist()}
         if records is not None:
-            Path(records).parent.mkdir(parents=True, exist_ok=True)
-            Path(records).write_text(json.dumps(rec))
+            from perfmodel.output import atomic_write
+
+            atomic_write(Path(records), lambda p: p.write_text(json.dumps(rec)))
     measured = metrics(rec, ttft, tpot)
     spec = _engine_spec(model, layers)
     engine_hw = dataclasses.replace(hw.for_engine(backend), host_overhead_us=measured["host_overhead_per_step_s"] * 1e6)

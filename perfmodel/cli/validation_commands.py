@@ -29,9 +29,12 @@ def calibrate(
 
     check_format(format)
     bes = tuple(name_list(backends))
+    if not bes:
+        raise bad_value("--backends", backends, "numpy,torch")
     for b in bes:
         if b not in ("numpy", "torch"):
             raise bad_value("--backends", b, "numpy,torch")
+    _check_calibration_target(out_dir, name)
     with Progress(transient=True, disable=format != "table") as prog:
         task = prog.add_task("calibrating", total=None)
         path, d = run(out_dir, name, bes, progress=lambda s: prog.update(task, description=f"calibrating: {s}"),
@@ -49,6 +52,37 @@ def calibrate(
             f"matmul half-efficiency dimension {d['efficiency']['matmul_half_dim']}")
     for be, prof in d["engines"].items():
         c.print(f"  {be}: overhead µs {prof['efficiency'].get('kind_overhead_us')}")
+
+
+CALIBRATED_HEADER = "# Written by `perfmodel calibrate`"
+
+
+def _check_calibration_target(out_dir: Path, name: str | None) -> Path:
+    """The YAML calibrate will write (out_dir/local-<name>.yaml) must be a plain name in out_dir and may
+    replace only a file an earlier calibrate wrote (its first line says so): a library hardware YAML, or one
+    written by hand, is never overwritten."""
+    import re
+    import socket
+
+    from perfmodel.errors import show
+
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise PerfmodelError(f"--name: {show(name)} is not valid; allowed: letters, digits, '.', '_', '-' "
+                             "(at most 64, no path)")
+    host = name or socket.gethostname().split(".")[0].lower() or "machine"
+    target = Path(out_dir) / f"local-{host}.yaml"
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        raise PerfmodelError(f"calibrate: {target}: exists and is not a plain file; pass another --name")
+    if target.is_file():
+        try:
+            with open(target, encoding="utf-8", errors="replace") as f:
+                first = f.readline()
+        except OSError as e:
+            raise PerfmodelError(f"calibrate: {target}: {e.strerror or e}") from None
+        if not first.startswith(CALIBRATED_HEADER):
+            raise PerfmodelError(f"calibrate: {target} exists and was not written by calibrate; it is never "
+                                 "overwritten (pass another --name or --out-dir)")
+    return target
 
 
 @app.command()

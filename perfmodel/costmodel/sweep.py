@@ -8,6 +8,8 @@ O(operators) per grid point whatever the output length.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 
@@ -19,32 +21,43 @@ from perfmodel.specs.hardware import HardwareSpec
 from perfmodel.specs.model import ModelSpec
 
 
+BATCH_BLOCK = 2048  # distinct batches whose pieces are found together (bounds the [op, piece] temporaries)
+
+
 def _pieces(c0, c1, m0, m1, f, over, layers, lo, hi):
-    """Integer pieces of [lo, hi] (hi may be inf) on which every operator keeps its bound, as
-    (starts, a, b): summed over operators the step time is a + b*past on [starts[k], starts[k+1]).
+    """Integer pieces of [lo, hi] (hi may be inf) on which every operator keeps its bound, for every batch
+    (column) at once, as (batch index, starts, a, b): on [start, next start) the step time is a + b*past.
     An operator's time is max(compute line, memory line, floor) + overhead; the winner can change only where
-    two of the three lines cross."""
-    lines = [(c0, c1), (m0, m1), (f, np.zeros_like(f))]
-    splits = []
-    for i in range(3):
-        for j in range(i + 1, 3):
-            (a0, a1), (b0, b1) = lines[i], lines[j]
-            e = a1 - b1
-            with np.errstate(divide="ignore", invalid="ignore"):
-                cross = (b0 - a0) / e
-            # first integer past at which the winner changes (only where the lines cross inside the segment)
-            split = np.where(e > 0, np.ceil(cross), np.floor(cross) + 1)
-            valid = (e != 0) & np.isfinite(split) & (split > lo) & (split <= hi)
-            splits.append(split[valid])
-    starts = np.unique(np.concatenate([[lo], *splits]))
-    x = starts[:, None]  # probe each piece at its start: the winner is constant across the piece
-    vals = np.stack([a0 + a1 * x for a0, a1 in lines])  # [line, piece, op]
-    win = np.argmax(vals, axis=0)
-    intercept = np.choose(win, [np.broadcast_to(a0, win.shape) for a0, _ in lines])
-    slope = np.choose(win, [np.broadcast_to(a1, win.shape) for _, a1 in lines])
-    a = (layers * (intercept + over)).sum(axis=1)
-    b = (layers * slope).sum(axis=1)
-    return starts, a, b
+    two of the three lines cross. Inputs are [op, batch] (layers [op, 1])."""
+    out = []
+    for j0 in range(0, c0.shape[1], BATCH_BLOCK):
+        cols = slice(j0, j0 + BATCH_BLOCK)
+        lines = [(c0[:, cols], c1[:, cols]), (m0[:, cols], m1[:, cols]), (f[:, cols], np.zeros_like(f[:, cols]))]
+        splits = []
+        for i in range(3):
+            for k in range(i + 1, 3):
+                (a0, a1), (b0, b1) = lines[i], lines[k]
+                e = a1 - b1
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    cross = (b0 - a0) / e
+                    # first integer past at which the winner changes (only where the lines cross inside)
+                    split = np.where(e > 0, np.ceil(cross), np.floor(cross) + 1)
+                valid = (e != 0) & np.isfinite(split) & (split > lo) & (split <= hi)
+                splits.append(np.where(valid, split, np.inf))
+        cand = np.sort(np.concatenate([np.full((1, lines[0][0].shape[1]), float(lo)), *splits]), axis=0)
+        keep = np.isfinite(cand)
+        keep[1:] &= cand[1:] != cand[:-1]
+        jj, row = np.nonzero(keep.T)  # batch-major, starts ascending within each batch
+        starts = cand[row, jj]
+        # probe each piece at its start: the winner is constant across the piece
+        vals = np.stack([a0[:, jj] + a1[:, jj] * starts for a0, a1 in lines])  # [line, op, piece]
+        win = np.argmax(vals, axis=0)
+        intercept = np.choose(win, [a0[:, jj] for a0, _ in lines])
+        slope = np.choose(win, [a1[:, jj] for _, a1 in lines])
+        a = (layers * (intercept + over[:, cols][:, jj])).sum(axis=0)
+        b = (layers * slope).sum(axis=0)
+        out.append((jj + j0, starts, a, b))
+    return tuple(np.concatenate(x) for x in zip(*out))
 
 
 def _decode_coefficients(model, hw, p, flash, batch_u, at, exec_mode, par=None):
@@ -90,23 +103,20 @@ def _decode_totals(model, hw, p, flash, batch, inp, out, exec_mode, par=None):
     inv, batch_u = pd.factorize(batch, sort=True)  # hashing: O(n), unlike np.unique's sort
     segments = decode_segments(model, float(np.max(inp + out)) if len(inp) else 0.0)
     coeffs = [_decode_coefficients(model, hw, p, flash, batch_u, lo, exec_mode, par) for lo, _ in segments]
-    keys, a_all, b_all, f_all = [], [], [], []
+    found = [_pieces(*cf[:6], cf[6][:, :1], lo, hi) for cf, (lo, hi) in zip(coeffs, segments)]
+    jj, starts, a_all, b_all = (np.concatenate(x) for x in zip(*found))
+    order = np.lexsort((starts, jj))  # by batch, then past
+    jj, starts, a_all, b_all = jj[order], starts[order], a_all[order], b_all[order]
+    # F before each piece: the sum of the batch's earlier pieces (each runs to the next start - 1)
+    last = np.append(jj[1:] != jj[:-1], True)  # a batch's last piece runs to infinity: never summed
+    ends = np.where(last, starts, np.append(starts[1:], 0) - 1)
+    piece_sum = np.where(last, 0.0, _affine_sum(starts, ends, a_all, b_all))
+    before = np.cumsum(piece_sum) - piece_sum
+    first = np.flatnonzero(np.append(True, jj[1:] != jj[:-1]))
+    f_start = before - before[first][np.cumsum(np.append(True, jj[1:] != jj[:-1])) - 1]
     span = 2.0 ** 40  # key = batch index * span + past, exact in float64
-    for j in range(len(batch_u)):
-        starts, a, b = (np.concatenate(x) for x in zip(*(
-            _pieces(*(c[:, j] for c in cf[:5]), cf[5][:, j], cf[6][:, 0], lo, hi)
-            for cf, (lo, hi) in zip(coeffs, segments))))
-        # F at the end of each piece, accumulated: F(start_k - 1) for piece k
-        ends = np.append(starts[1:] - 1, starts[-1])
-        piece_sum = _affine_sum(starts, ends, a, b)
-        f_before = np.concatenate([[0.0], np.cumsum(piece_sum[:-1])])
-        keys.append(j * span + starts)
-        a_all.append(a)
-        b_all.append(b)
-        f_all.append(f_before)
-    keys, a_all, b_all = np.concatenate(keys), np.concatenate(a_all), np.concatenate(b_all)
-    f_start = np.concatenate(f_all)
-    starts_all = keys - np.floor(keys / span) * span
+    keys = jj * span + starts
+    starts_all = starts
 
     def prefix(x):  # F(x) = sum of step times for past in [0, x]; F(-1) = 0
         xc = np.maximum(x, 0)
@@ -160,20 +170,43 @@ def sweep_arrays(model: ModelSpec, hw: HardwareSpec, batch, inp, out, precision:
     }
 
 
-def sweep(models: list[ModelSpec], hardware: list[HardwareSpec], batches, inputs, outputs,
-          precision: Precision | None = None, flash: bool = True, progress=None,
-          exec_mode: str = DEFAULT_EXEC, tps=(1,)) -> pd.DataFrame:
-    """Cartesian grid models x hardware x tp x batch x input x output, as a DataFrame (one row per point)."""
-    b, i, o = np.meshgrid(np.asarray(batches), np.asarray(inputs), np.asarray(outputs), indexing="ij")
-    b, i, o = b.ravel(), i.ravel(), o.ravel()
-    frames = []
+CHUNK_POINTS = 1 << 17  # grid points evaluated together: ~100 MB of temporaries whatever the grid's size
+
+
+def grid_points(n_models: int, n_hardware: int, tps, batches, inputs, outputs) -> int:
+    """Rows of the Cartesian grid, computed without building it."""
+    return n_models * n_hardware * len(tps) * len(batches) * len(inputs) * len(outputs)
+
+
+def iter_sweep(models: list[ModelSpec], hardware: list[HardwareSpec], batches, inputs, outputs,
+               precision: Precision | None = None, flash: bool = True, exec_mode: str = DEFAULT_EXEC,
+               tps=(1,), chunk: int = CHUNK_POINTS) -> Iterator[pd.DataFrame]:
+    """The grid models x hardware x tp x batch x input x output as DataFrames of at most `chunk` rows, in
+    row order (output fastest). Each chunk's points are decoded from their flat index, so memory is bounded
+    by the chunk and the axes, never by the grid."""
+    batches, inputs, outputs = (np.asarray(x).reshape(-1) for x in (batches, inputs, outputs))
+    n_out, n_io = len(outputs), len(inputs) * len(outputs)
+    n = len(batches) * n_io
     for m in models:
         for hw in hardware:
             for tp in tps:
-                cols = sweep_arrays(m, hw, b, i, o, precision, flash, exec_mode=exec_mode,
-                                    parallelism=Parallelism(tp=tp))
-                frames.append(pd.DataFrame({"model": m.name, "hardware": hw.name, "tp": tp, "batch": b,
-                                            "input": i, "output": o, **cols}))
-                if progress:
-                    progress()
-    return pd.concat(frames, ignore_index=True)
+                for start in range(0, n, chunk):
+                    idx = np.arange(start, min(start + chunk, n), dtype=np.int64)
+                    b, i, o = batches[idx // n_io], inputs[(idx // n_out) % len(inputs)], outputs[idx % n_out]
+                    cols = sweep_arrays(m, hw, b, i, o, precision, flash, exec_mode=exec_mode,
+                                        parallelism=Parallelism(tp=tp))
+                    yield pd.DataFrame({"model": m.name, "hardware": hw.name, "tp": tp, "batch": b, "input": i,
+                                        "output": o, **cols})
+
+
+def sweep(models: list[ModelSpec], hardware: list[HardwareSpec], batches, inputs, outputs,
+          precision: Precision | None = None, flash: bool = True, progress=None,
+          exec_mode: str = DEFAULT_EXEC, tps=(1,)) -> pd.DataFrame:
+    """Cartesian grid models x hardware x tp x batch x input x output, as one DataFrame (one row per point);
+    iter_sweep streams the same rows in bounded memory."""
+    frames = []
+    for df in iter_sweep(models, hardware, batches, inputs, outputs, precision, flash, exec_mode, tps):
+        frames.append(df)
+        if progress:
+            progress(len(df))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
