@@ -172,3 +172,70 @@ def test_int8_draft_counts_equal_cost_model_exactly():
     drf = {k: v for k, v in exp.items() if k[0] not in ("prefill", "verify")}
     mism = compare_forwards(td.records, drf)
     assert not mism, "\n".join(map(str, mism[:10]))
+
+
+def test_predicted_speedup_follows_the_formula():
+    from perfmodel.validation.speculative import StepCosts, predict
+
+    costs = StepCosts(decode_s=1.0, verify_s={k: 1.0 for k in range(9)}, draft_s=0.0, catchup_s=0.0)
+    assert predict(1.0, [4] * 10, costs)["predicted_speedup"] == pytest.approx(5.0)
+    assert predict(0.5, [0] * 3, costs)["predicted_speedup"] == pytest.approx(1.0)  # no proposals: plain steps
+    slow = StepCosts(1.0, {k: 1.0 + 0.25 * k for k in range(9)}, 0.2, 0.1)
+    r = predict(0.8, [3, 3], slow)
+    tokens = (1 - 0.8 ** 4) / 0.2
+    assert r["predicted_speedup"] == pytest.approx(tokens / (3 * 0.2 + 1.75 + 0.8 ** 3 * 0.1))
+
+
+def _cli_json(args, capsys):
+    import json
+
+    from perfmodel.cli.app import main
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("drafter", ["ngram", pytest.param("int8", marks=needs_torch)])
+def test_generate_speculative_json(drafter, capsys):
+    d = _cli_json(["generate", "--model", "gpt2", "--layers", "1", "--prompt", "1 2 3 4 1 2 3 4 1 2",
+                   "--max-new-tokens", "8", "--speculative", drafter, "--gamma", "3", "--format", "json"], capsys)
+    assert d["same_as_plain"] and d["generated_tokens"] == 8 and len(d["token_ids"]) == 8
+    assert 0 <= d["acceptance_rate"] <= 1 and d["tokens_per_target_step"] >= 1 and d["measured_speedup"] > 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--speculative", "eagle"], "--speculative"), (["--speculative", "ngram", "--gamma", "0"], "--gamma"),
+    (["--speculative", "ngram", "--no-cache"], "--no-cache")])
+def test_generate_speculative_bad_arguments(args, needle, capsys):
+    from perfmodel.cli.app import main
+
+    code = main(["generate", "--model", "gpt2", "--layers", "1", "--prompt", "1 2", *args])
+    _, err = capsys.readouterr()
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_planning_takes_alpha_from_the_measured_table(tmp_path, capsys):
+    from perfmodel.cli.app import main
+    from perfmodel.validation.speculative import write_alpha_table
+
+    rows = [{"prompt": "prose", "drafter": "ngram", "gamma": g, "acceptance_rate": a, "measured_speedup": 1.0}
+            for g, a in ((2, 0.41), (4, 0.55))]
+    path = write_alpha_table(rows, tmp_path / "alpha.json", "local-test")
+    d = _cli_json(["speculative", "--alpha", "prose/ngram", "--gamma", "2,4", "--table", str(path),
+                   "--format", "json"], capsys)
+    assert [(r["alpha"], r["gamma"]) for r in d] == [(0.41, 2), (0.55, 4)]
+    for args, needle in ((["--alpha", "prose/eagle"], "--alpha"), (["--alpha", "prose/ngram", "--gamma", "3"],
+                                                                     "--gamma")):
+        code = main(["speculative", "--table", str(path), *args])
+        _, err = capsys.readouterr()
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_baseline_loop_is_plain_decoding():
+    from perfmodel.engine.speculative import NoDrafter
+
+    m = _target()
+    g = speculative_generate(m, NoDrafter(), PROMPT, 12, 4, SamplingParams())
+    assert g.tokens == _plain(m, PROMPT, 12) and g.tokens_per_step == 1.0 and len(g.steps) == 11

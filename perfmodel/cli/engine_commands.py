@@ -26,6 +26,12 @@ def generate(
     flash: bool = typer.Option(False, "--flash/--no-flash", help="FlashAttention kernel (torch backend)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute every token each step (no KV cache)"),
     trace: bool = typer.Option(False, "--trace", help="print prefill and every decode step as they run"),
+    speculative: str = typer.Option(None, "--speculative",
+                                    help="ngram (prompt lookup) | int8 (the model with int8 weights as draft): "
+                                         "speculative decoding, timed against plain decoding of the same prompt"),
+    gamma: int = typer.Option(4, "--gamma", help="draft tokens per target step (--speculative)"),
+    hardware: str = typer.Option(None, help="calibrated hardware for --speculative's predicted speed-up "
+                                            "(default: the newest hardware/local-*.yaml)"),
     format: str = typer.Option("table", "--format", help="table | json | csv"),
 ) -> None:
     """Generate text with the reference engine; --trace shows the KV cache growing token by token."""
@@ -53,6 +59,9 @@ def generate(
         ids = tok.encode(prompt)
     if not ids:
         raise PerfmodelError("--prompt: empty prompt")
+    if speculative is not None:
+        return _speculative(spec, weights, tok, be, ids, max_new_tokens, params, speculative, gamma, flash,
+                            no_cache, hardware, format, prompt)
     engine = Transformer(spec, weights, be, flash=flash, tracer=Tracer(enabled=True))
     kv_dtype = be.dtype_name
     text = (lambda t: tok.decode([t])) if tok else str
@@ -92,3 +101,67 @@ def generate(
     c.print(f"prefill {len(ids)} tokens in {seconds(result['prefill_s'])}; decode "
             f"{result['decode_ms_per_token']:.2f} ms/token over {len(dec)} steps; KV cache "
             f"{si(result['kv_cache_bytes'], 'B', 1024)}")
+
+
+def _speculative(spec, weights, tok, be, ids, max_new_tokens, params, drafter, gamma, flash, no_cache, hardware,
+                 format, prompt) -> None:
+    """generate --speculative: plain decoding then speculative decoding of the same prompt, in this process."""
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.engine.speculative import DRAFTERS, ModelDrafter, NgramDrafter, NoDrafter, speculative_generate
+    from perfmodel.engine.transformer import Transformer
+    from perfmodel.errors import bad_value
+    from perfmodel.validation.speculative import predict, step_costs
+
+    if drafter not in DRAFTERS:
+        raise bad_value("--speculative", drafter, "|".join(DRAFTERS))
+    if gamma < 1:
+        raise PerfmodelError(f"--gamma: {gamma} is not valid; allowed: an integer >= 1")
+    if no_cache:
+        raise PerfmodelError("--no-cache: speculative decoding verifies against the KV cache; drop --no-cache")
+    from perfmodel.cli.validation_commands import _newest_local
+    from perfmodel.specs import load_hardware
+
+    try:
+        hw = load_hardware(hardware) if hardware else _newest_local()
+    except PerfmodelError:
+        if hardware:
+            raise
+        hw = None  # no calibrated machine: measured figures only
+    target = Transformer(spec, weights, be, flash=flash)
+    eos = tok.eos_id if tok else None
+    # plain decoding timed by the same loop (one token per target step); a warm-up run first keeps BLAS thread
+    # start-up and page faults out of the timing
+    speculative_generate(target, NoDrafter(), ids, 3, 1, params, eos)
+    plain = speculative_generate(target, NoDrafter(), ids, max_new_tokens, 1, params, eos)
+    if drafter == "int8":
+        from perfmodel.engine.quantised import int8_model
+
+        draft = int8_model(spec, weights)
+        d = ModelDrafter(draft, len(ids) + max_new_tokens + gamma + 2)
+    else:
+        draft, d = None, NgramDrafter(3)
+    g = speculative_generate(target, d, ids, max_new_tokens, gamma, params, eos)
+    n = len(g.tokens)
+    plain_ms = 1e3 * plain.decode_s / max(len(plain.tokens) - 1, 1)
+    spec_ms = 1e3 * g.decode_s / max(n - 1, 1)
+    text = tok.decode(g.tokens) if tok else " ".join(map(str, g.tokens))
+    result = {"model": spec.name, "drafter": drafter, "gamma": gamma, "prompt_tokens": len(ids),
+              "generated_tokens": n, "text": text, "token_ids": g.tokens,
+              "same_as_plain": g.tokens == plain.tokens,
+              "acceptance_rate": g.acceptance_rate, "tokens_per_target_step": g.tokens_per_step,
+              "target_steps": len(g.steps), "plain_decode_ms_per_token": plain_ms,
+              "speculative_decode_ms_per_token": spec_ms, "measured_speedup": plain_ms / spec_ms if spec_ms else None,
+              "predicted_speedup": None, "hardware": hw.name if hw else None}
+    if hw is not None:
+        costs = step_costs(spec, draft.spec if draft else None, hw, len(ids) + n // 2, gamma,
+                           target_engine=be.name, target_precision=Precision(be.dtype_name, be.dtype_name,
+                                                                             be.dtype_name), flash_target=flash)
+        result.update(predict(g.acceptance_rate, [s.proposed for s in g.steps], costs))
+    if emit(format, result, [{k: v for k, v in result.items() if k != "token_ids"}]):
+        return
+    c = console()
+    c.print(f"[bold]{prompt}[/bold]{text}" if tok else text)
+    pred = f", predicted {result['predicted_speedup']:.2f}× on {hw.name}" if hw else ""
+    c.print(f"{drafter} draft, γ={gamma}: α {g.acceptance_rate:.2f}, {g.tokens_per_step:.2f} tokens per target step; "
+            f"decode {spec_ms:.1f} ms/token vs {plain_ms:.1f} plain: {plain_ms / spec_ms:.2f}× measured{pred}"
+            + ("" if result["same_as_plain"] or params.temperature else " [red](differs from plain greedy)[/red]"))

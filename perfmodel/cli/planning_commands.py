@@ -249,30 +249,93 @@ def simulate(
 @app.command()
 def speculative(
     model: str = typer.Option("llama-3.1-70b", help="target model"), draft: str = typer.Option("llama-3.1-8b"),
-    hardware: str = typer.Option(DEFAULT_HARDWARE), alpha: str = typer.Option("0.6,0.7,0.8,0.9"),
+    hardware: str = typer.Option(DEFAULT_HARDWARE),
+    alpha: str = typer.Option("0.6,0.7,0.8,0.9", help="acceptance rates, or a measured table row: "
+                                                      "prose/ngram, prose/int8, summarise/ngram, summarise/int8"),
     gamma: str = typer.Option("1,2,4,6,8"), context: int = typer.Option(1024), batch: int = typer.Option(1),
+    measure: bool = typer.Option(False, "--measure", help="measure α and the speed-up in the engine on real text "
+                                                          "(SmolLM2-135M; a few minutes), against the prediction"),
+    max_new_tokens: int = typer.Option(32, help="--measure: tokens per run"),
+    table: Path = typer.Option(None, help="the α table (default: perfmodel/data/speculative_alpha.json); "
+                                          "--measure writes it"),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
     format: str = typer.Option("table", "--format", help=FORMAT_HELP),
 ) -> None:
-    """Expected speed-up of speculative decoding: tokens per target step (1-α^(γ+1))/(1-α) against the cost."""
+    """Expected speed-up of speculative decoding: tokens per target step (1-α^(γ+1))/(1-α) against the cost;
+    --measure runs it in the engine and prints the α table and predicted against measured speed-up."""
     from perfmodel.costmodel.speculative import speculative as run
     from perfmodel.specs import load_hardware, load_model
 
     check_format(format)
-    try:
-        alphas = [float(a) for a in name_list(alpha)]
-    except ValueError:
-        raise bad_value("--alpha", alpha, "numbers in [0, 1], comma-separated") from None
+    gammas = int_list("--gamma", gamma)
+    if measure:
+        return _measure_speculative(gammas, max_new_tokens, table, hardware, format)
     t, d = load_model(model), load_model(draft)
     hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
-    rows = [run(t, d, hw, a, g, context, batch, exec_mode=mode) for a in alphas for g in int_list("--gamma", gamma)]
+    if "/" in alpha:
+        from perfmodel.validation.speculative import read_alpha_table
+
+        measured = read_alpha_table(table)
+        if alpha not in measured:
+            raise bad_value("--alpha", alpha, "numbers in [0, 1] or " + "|".join(sorted(measured)))
+        pairs = []
+        for g in gammas:
+            if g not in measured[alpha]:
+                raise bad_value("--gamma", g, f"{'|'.join(map(str, sorted(measured[alpha])))} (measured for {alpha})")
+            pairs.append((measured[alpha][g], g))
+    else:
+        try:
+            alphas = [float(a) for a in name_list(alpha)]
+        except ValueError:
+            raise bad_value("--alpha", alpha, "numbers in [0, 1], comma-separated, or a measured table row") from None
+        pairs = [(a, g) for a in alphas for g in gammas]
+    rows = [run(t, d, hw, a, g, context, batch, exec_mode=mode) for a, g in pairs]
     if emit(format, rows):
         return
     print_table(rows, title=f"speculative decoding: {t.name} with draft {d.name} on {hw.name}, context {context}",
-                columns={"alpha": ("α", str), "gamma": ("γ", str),
+                columns={"alpha": ("α", lambda v: f"{v:.3g}"), "gamma": ("γ", str),
                          "tokens_per_target_step": ("tokens/step", lambda v: f"{v:.2f}"),
                          "tpot_s": ("TPOT", seconds), "baseline_tpot_s": ("baseline", seconds),
                          "speedup": ("speed-up", lambda v: f"{v:.2f}×")})
+
+
+def _measure_speculative(gammas, max_new_tokens, table, hardware, format) -> None:
+    from perfmodel.cli.validation_commands import _newest_local
+    from perfmodel.engine.backend import make_backend
+    from perfmodel.engine.loading import load_engine_model
+    from perfmodel.engine.quantised import int8_model
+    from perfmodel.engine.transformer import Transformer
+    from perfmodel.specs import load_hardware
+    from perfmodel.validation.speculative import alpha_table, best_rows, measure, write_alpha_table
+
+    if max_new_tokens < 2:
+        raise PerfmodelError(f"--max-new-tokens: {max_new_tokens} is not valid; allowed: an integer >= 2")
+    hw = load_hardware(hardware) if hardware != DEFAULT_HARDWARE else _newest_local()
+    spec, weights, tok = load_engine_model("smollm2-135m")
+    target = Transformer(spec, weights, make_backend("numpy"))
+    rows = measure(target, tok, int8_model(spec, weights), hw, gammas, max_new_tokens)
+    path = write_alpha_table(rows, table, hw.name)
+    best = best_rows(rows)
+    if emit(format, {"hardware": hw.name, "table": str(path), "alpha": alpha_table(rows), "best": best,
+                     "rows": rows}, rows):
+        return
+    alpha_rows = [{"prompt/drafter": k, **{f"γ={g}": f"{a:.2f}" for g, a in sorted(v.items())}}
+                  for k, v in alpha_table(rows).items()]
+    print_table(alpha_rows, title="measured α (SmolLM2-135M, greedy)")
+    print_table(rows, title=f"predicted vs measured decode speed-up on {hw.name}",
+                columns={"prompt": ("prompt", str), "drafter": ("drafter", str), "gamma": ("γ", str),
+                         "acceptance_rate": ("α", lambda v: f"{v:.2f}"),
+                         "tokens_per_target_step": ("tokens/step", lambda v: f"{v:.2f}"),
+                         "measured_speedup": ("measured", lambda v: f"{v:.2f}×"),
+                         "predicted_speedup": ("predicted", lambda v: f"{v:.2f}×"),
+                         "error_pct": ("error", lambda v: f"{v:+.0f} %")})
+    print_table(best, title="each drafter at its best γ",
+                columns={"prompt": ("prompt", str), "drafter": ("drafter", str), "gamma": ("γ", str),
+                         "acceptance_rate": ("α", lambda v: f"{v:.2f}"),
+                         "measured_speedup": ("measured", lambda v: f"{v:.2f}×"),
+                         "predicted_speedup": ("predicted", lambda v: f"{v:.2f}×"),
+                         "error_pct": ("error", lambda v: f"{v:+.0f} %")})
+    console().print(f"α table written to {path}")
 
 
 @app.command()
