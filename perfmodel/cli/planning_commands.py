@@ -256,6 +256,7 @@ def speculative(
     measure: bool = typer.Option(False, "--measure", help="measure α and the speed-up in the engine on real text "
                                                           "(SmolLM2-135M; a few minutes), against the prediction"),
     max_new_tokens: int = typer.Option(32, help="--measure: tokens per run"),
+    repeats: int = typer.Option(1, help="--measure: timed runs per point (the median is kept)"),
     table: Path = typer.Option(None, help="the α table (default: perfmodel/data/speculative_alpha.json); "
                                           "--measure writes it"),
     exec: str = EXEC_OPT, framework: str = FRAMEWORK_OPT,
@@ -269,7 +270,7 @@ def speculative(
     check_format(format)
     gammas = int_list("--gamma", gamma)
     if measure:
-        return _measure_speculative(gammas, max_new_tokens, table, hardware, format)
+        return _measure_speculative(gammas, max_new_tokens, table, hardware, format, repeats)
     t, d = load_model(model), load_model(draft)
     hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
     if "/" in alpha:
@@ -299,7 +300,7 @@ def speculative(
                          "speedup": ("speed-up", lambda v: f"{v:.2f}×")})
 
 
-def _measure_speculative(gammas, max_new_tokens, table, hardware, format) -> None:
+def _measure_speculative(gammas, max_new_tokens, table, hardware, format, repeats=1) -> None:
     from perfmodel.cli.validation_commands import _newest_local
     from perfmodel.engine.backend import make_backend
     from perfmodel.engine.loading import load_engine_model
@@ -310,10 +311,12 @@ def _measure_speculative(gammas, max_new_tokens, table, hardware, format) -> Non
 
     if max_new_tokens < 2:
         raise PerfmodelError(f"--max-new-tokens: {max_new_tokens} is not valid; allowed: an integer >= 2")
+    if repeats < 1:
+        raise PerfmodelError(f"--repeats: {repeats} is not valid; allowed: an integer >= 1")
     hw = load_hardware(hardware) if hardware != DEFAULT_HARDWARE else _newest_local()
     spec, weights, tok = load_engine_model("smollm2-135m")
     target = Transformer(spec, weights, make_backend("numpy"))
-    rows = measure(target, tok, int8_model(spec, weights), hw, gammas, max_new_tokens)
+    rows = measure(target, tok, int8_model(spec, weights), hw, gammas, max_new_tokens, repeats=repeats)
     path = write_alpha_table(rows, table, hw.name)
     best = best_rows(rows)
     if emit(format, {"hardware": hw.name, "table": str(path), "alpha": alpha_table(rows), "best": best,
