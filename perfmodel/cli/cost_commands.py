@@ -9,7 +9,7 @@ import typer
 from perfmodel.cli.app import app
 import numpy as np
 
-from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_axis, int_list, name_list
+from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_axis, int_list, names
 from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime, runtime_precision
 from perfmodel.errors import PerfmodelError, bad_value
 from perfmodel.output import check_format, console, emit, print_table, seconds, si
@@ -168,13 +168,10 @@ def sweep_cmd(
         except ImportError:
             raise PerfmodelError("--out: writing .parquet needs pyarrow (pip install 'perfmodel[parquet]'); "
                                  "use .csv") from None
-    for flag, text in (("--model", model), ("--hardware", hardware)):
-        if not name_list(text):
-            raise bad_value(flag, text, "one or more names or paths separated by commas")
     # axes within their rules; int32 halves an axis of up to 16 M values
     grid = [int_axis(f, t).astype(np.int32) for f, t in (("--batch", batch), ("--input", input), ("--output", output))]
     tps = tuple(int_list("--tp", tp))
-    names_m, names_h = name_list(model), name_list(hardware)
+    names_m, names_h = names("--model", model), names("--hardware", hardware)
     points = grid_points(len(names_m), len(names_h), tps, *grid)
     if out is None and points > PRINT_MAX:
         raise PerfmodelError(

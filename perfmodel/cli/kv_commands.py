@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from perfmodel.cli.app import app
-from perfmodel.cli.options import name_list
+from perfmodel.cli.options import names
 from perfmodel.errors import PerfmodelError
 from perfmodel.output import atomic_write, check_format, console, emit, print_table
 
@@ -35,7 +35,8 @@ def kv_quality(
     from perfmodel.kvcache.quality import DEFAULT_METHODS, evaluate
 
     check_format(format)
-    chosen = name_list(methods) if methods else DEFAULT_METHODS
+    chosen = names("--methods", methods, "kv-prune methods separated by commas") if methods is not None \
+        else DEFAULT_METHODS
     for mth in chosen:
         KVMethod.parse(mth, window, field="--methods")
     if context < window + 64 or steps < 1 or segments < 1:

@@ -9,6 +9,7 @@ output paths, that they can be written. Add a line to RULES when a new option ne
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,11 @@ def _check_writable_parent(flag: str, folder: Path) -> None:
         raise PerfmodelError(f"{flag}: {short(cur)}: is a file, so no folder can be made inside it")
     if cur.exists() and not os.access(cur, os.W_OK | os.X_OK):
         raise PerfmodelError(f"{flag}: {short(cur)}: cannot be written (permission denied)")
+    if cur.is_dir():  # os.access says yes to root everywhere (/proc, read-only mounts): try it
+        try:
+            tempfile.TemporaryFile(dir=cur).close()
+        except OSError as e:
+            raise PerfmodelError(f"{flag}: {short(cur)}: cannot be written ({e.strerror or e})") from None
 
 
 # --- lists ------------------------------------------------------------------------------------------------
@@ -171,3 +177,11 @@ def float_list(field: str, text: str) -> list[float]:
 
 def name_list(text: str) -> list[str]:
     return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+def names(field: str, text: str, allowed: str = "one or more names or paths separated by commas") -> list[str]:
+    """name_list that refuses an empty list (',' or ' ' would otherwise run on nothing)."""
+    out = name_list(text)
+    if not out:
+        raise PerfmodelError(f"{field}: {show(text)} is not valid; allowed: {allowed}")
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from perfmodel.cli.app import app
-from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, name_list
+from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, names
 from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime, runtime_precision
 from perfmodel.errors import PerfmodelError, bad_value
 from perfmodel.output import check_format, console, emit, print_table, seconds, si
@@ -286,7 +286,7 @@ def speculative(
             pairs.append((measured[alpha][g], g))
     else:
         try:
-            alphas = [float(a) for a in name_list(alpha)]
+            alphas = [float(a) for a in names("--alpha", alpha, "numbers in [0, 1], comma-separated")]
         except ValueError:
             raise bad_value("--alpha", alpha, "numbers in [0, 1], comma-separated, or a measured table row") from None
         pairs = [(a, g) for a in alphas for g in gammas]
@@ -358,7 +358,7 @@ def compare(
 
     check_format(format)
     m = load_model(model)
-    resolved = [runtime(load_hardware(h), exec, framework) for h in name_list(hardware)]
+    resolved = [runtime(load_hardware(h), exec, framework) for h in names("--hardware", hardware)]
     hws, mode = [r[0] for r in resolved], resolved[0][1]
     res = run(m, hws, input, output, batch,
               runtime_precision(_precision(dtype, weight_dtype, kv_dtype), hws[0], resolved[0][2]),

@@ -139,8 +139,10 @@ def profile_from_dict(d: dict, where: str) -> FrameworkProfile:
             else:
                 raise bad_value(f"{where}: efficiency.{fam}.{k}", k, "compute|memory|kinds")
     host = d.get("host_overhead_us") or {}
-    if isinstance(host, (int, float)):
+    if isinstance(host, (int, float)) and not isinstance(host, bool):
         host = {"default": host}
+    if not isinstance(host, dict):
+        raise bad_value(f"{where}: host_overhead_us", host, "microseconds, or a map of hardware family to them")
     for fam, v in host.items():
         if v != 0:
             _num(f"{where}: host_overhead_us.{fam}", v, 0.0, 1e7)
@@ -150,6 +152,16 @@ def profile_from_dict(d: dict, where: str) -> FrameworkProfile:
     blocks = d.get("kv_block_tokens", 16)
     if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 4096:
         raise bad_value(f"{where}: kv_block_tokens", blocks, "an integer in 1..4096")
+    for f in ("weight_formats", "kv_formats", "native_compute"):
+        v = d.get(f) or []
+        if not isinstance(v, list) or not all(isinstance(x, str) and 0 < len(x) <= 32 for x in v):
+            raise bad_value(f"{where}: {f}", v, "a list of format names like [bf16, fp8]")
+    for f in ("name", "description", "version"):
+        bad_type = f in d and not isinstance(d[f], (str, int, float))
+        if bad_type or (f == "name" and not str(d[f]).strip()):
+            raise bad_value(f"{where}: {f}", d.get(f), "a non-empty string")
+    if not isinstance(d.get("provenance") or {}, dict):
+        raise bad_value(f"{where}: provenance", d["provenance"], "a map of figure to source")
     return FrameworkProfile(name=str(d["name"]), description=str(d.get("description", d["name"])), exec_mode=mode,
                             version=str(d.get("version", "")), efficiency=eff, host_overhead_us=dict(host),
                             kv_block_tokens=blocks, weight_formats=tuple(d.get("weight_formats") or ()),
