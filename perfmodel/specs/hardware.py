@@ -106,7 +106,7 @@ class HardwareSpec:
 
     def for_engine(self, engine: str) -> "HardwareSpec":
         """The machine as one engine backend sees it (calibrated peaks and overheads), if profiled."""
-        prof = self.engines.get(engine)
+        prof = self.engines.get(engine) or self.engines.get(engine.split(":")[0])
         if not prof:
             return self
         peaks = {**self.peak_tflops, **{str(k): float(v) for k, v in (prof.get("peak_tflops") or {}).items()}}

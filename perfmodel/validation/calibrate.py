@@ -231,7 +231,8 @@ def _calibration_cases(backend: str, dtype: str = "fp32"):
             Case("smollm2-1.7b", 2, backend, dtype, 1, 0, (700,), flash, exec="fused-eager")]
 
 
-def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=None, loaded: dict | None = None) -> dict:
+def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=None, loaded: dict | None = None,
+                   engine: str | None = None) -> dict:
     """Fit per operator kind a compute and a memory efficiency multiplier (and, for matmuls, the transfer size
     at which streaming reaches half speed) from the engine's own operators on the calibration cases, with the
     cache-aware roofline and the measured per-call overheads (which are not fitted)."""
@@ -242,13 +243,13 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
     from perfmodel.specs.hardware import hardware_from_dict
     from perfmodel.validation.validate import Runner
 
-    hw = hardware_from_dict(hw_dict, "calibration").for_engine(backend)
+    hw = hardware_from_dict(hw_dict, "calibration").for_engine(engine or backend)
     neutral = dataclasses.replace(hw, efficiency=dataclasses.replace(hw.efficiency, kind_compute={}, kind_memory={},
                                                                      kind_overhead_scale={}, matmul_half_bytes=0.0))
     cases = _calibration_cases(backend, dtype)
     runner = Runner(cases, neutral, loaded)
     results = runner.measure(repeats=2, traced_repeats=2, progress=lambda s: progress and progress(
-        f"{backend} calibration cases: {s}"))
+        f"{engine or backend} calibration cases: {s}"))
     prec = Precision(dtype, dtype, dtype)
     rows = []
     for res in results:
@@ -270,6 +271,8 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
     fitted: dict = {"kind_compute": {}, "kind_memory": {}, "kind_overhead_scale": {}}
     grid = np.geomspace(0.05, 3.0, 48)
     scales = np.geomspace(0.25, 16.0, 19)
+    halves = np.concatenate([[0.0], np.geomspace(1e4, 1e8, 17)])
+    data, fits = {}, {}
     for group in sorted({r["group"] for r in rows}):
         rs = [r for r in rows if r["group"] == group and "c1" in r]
         if not rs:
@@ -277,24 +280,36 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
         meas = np.array([r["measured_s"] for r in rs])
         c1, m1, o1 = (np.array([r[k] for r in rs]) for k in ("c1", "m1", "o1"))
         nbytes = np.array([r["b1"] for r in rs])
-        halves = np.concatenate([[0.0], np.geomspace(1e4, 1e8, 17)]) if group in MATMUL_GROUPS else np.zeros(1)
-        best = (np.inf, 0, 0, 0, 0.0)
+        data[group] = (rs, meas, c1, m1, o1, nbytes)
         c = c1[None, :] / grid[:, None]  # [compute grid, rows]
-        for half in halves:
+        fits[group] = {}
+        for half in (halves if group in MATMUL_GROUPS else [0.0]):
             m = m1[None, :] * (1 + half / nbytes[None, :]) / grid[:, None]  # [memory grid, rows]
             roof = np.maximum(c[:, None, :], m[None, :, :])  # [cg, mg, rows]
+            best = (np.inf, 0, 0, 0)
             for k, sc in enumerate(scales):
                 err = (np.log((roof + sc * o1) / meas) ** 2).sum(axis=-1)
                 i, j = np.unravel_index(np.argmin(err), err.shape)
                 if err[i, j] < best[0]:
-                    best = (err[i, j], i, j, k, half)
-        fitted["kind_compute"][group] = round(float(grid[best[1]]), 4)
-        fitted["kind_memory"][group] = round(float(grid[best[2]]), 4)
-        fitted["kind_overhead_scale"][group] = round(float(scales[best[3]]), 3)
+                    best = (err[i, j], i, j, k)
+            fits[group][float(half)] = best
+    # the cost model applies one half-speed size to every matmul, so the row groups share it: the one that
+    # fits them best together (a size fitted per group and then maxed would misprice the groups it was not
+    # fitted on)
+    mm = [g for g in fits if g in MATMUL_GROUPS]
+    shared_half = min(halves, key=lambda h: sum(fits[g][float(h)][0] for g in mm)) if mm else 0.0
+    if shared_half:
+        fitted["matmul_half_bytes"] = round(float(shared_half), 0)
+    for group, (rs, meas, c1, m1, o1, nbytes) in data.items():
+        half = float(shared_half) if group in MATMUL_GROUPS else 0.0
+        _, bi, bj, bk = fits[group][half]
+        fitted["kind_compute"][group] = round(float(grid[bi]), 4)
+        fitted["kind_memory"][group] = round(float(grid[bj]), 4)
+        fitted["kind_overhead_scale"][group] = round(float(scales[bk]), 3)
         # per-call cost differs between operators of one group (a norm is several numpy calls, a residual add
         # one; a fused gate_up matmul carries its activation epilogue): refine the scale per operator (and
         # variant), a weight matmul's within its row group
-        roof = np.maximum(c1 / grid[best[1]], m1 * (1 + best[4] / nbytes) / grid[best[2]])
+        roof = np.maximum(c1 / grid[bi], m1 * (1 + half / nbytes) / grid[bj])
         keys = np.array([f"{r['op']}:{r['variant']}" if r.get("variant") else r["op"] for r in rs])
         if group in MATMUL_GROUPS:
             keys = np.array([f"{group}.{k}" for k in keys])
@@ -302,8 +317,6 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
             sel = keys == key
             err = [(np.log((roof[sel] + sc * o1[sel]) / meas[sel]) ** 2).sum() for sc in scales]
             fitted["kind_overhead_scale"][str(key)] = round(float(scales[int(np.argmin(err))]), 3)
-        if group in MATMUL_GROUPS and best[4]:
-            fitted["matmul_half_bytes"] = max(fitted.get("matmul_half_bytes", 0.0), round(float(best[4]), 0))
     return _phase_correction(fitted, neutral, runner, results, prec)
 
 
@@ -535,6 +548,17 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                 for key, prof in d["engines"].items():
                     if key.split(":")[0] == backend:
                         prof["efficiency"].update(fitted)
+            if "torch" in backends:
+                # bf16 gets its own fit: on a CPU without bf16 units every operand is converted, so none of
+                # fp32's multipliers carry over (validate predicts bf16 runs with engines["torch:bf16"])
+                base = d["engines"]["torch"]
+                d["engines"]["torch:bf16"] = {"peak_tflops": dict(base["peak_tflops"]),
+                                              "vector_tflops": base["vector_tflops"],
+                                              "efficiency": dict(base["efficiency"])}
+                fitted = engine_profile("torch", d, dtype="bf16", progress=step, loaded=loaded,
+                                        engine="torch:bf16")
+                d["provenance"]["phase_correction"]["torch:bf16"] = fitted.pop("phase_correction", None)
+                d["engines"]["torch:bf16"]["efficiency"].update(fitted)
             d["efficiency"].update(d["engines"][backends[0]]["efficiency"])
     path = out_dir / f"{d['name']}.yaml"
     atomic_write(path, lambda p: p.write_text("# Written by `perfmodel calibrate`; re-run it to refresh.\n"

@@ -65,8 +65,12 @@ class Case:
 
     @property
     def profile(self) -> str:
-        """The hardware YAML's engines.<key> this case is predicted with."""
-        return self.backend if self.compiled is None else f"{self.backend}:{self.compiled}"
+        """The hardware YAML's engines.<key> this case is predicted with: eager runs other than fp32 have their
+        own profile where calibrated (a CPU without bf16 units converts every bf16 operand, so bf16 runs far
+        from fp32's efficiencies); HardwareSpec.for_engine falls back to the backend's."""
+        if self.compiled is not None:
+            return f"{self.backend}:{self.compiled}"
+        return self.backend if self.dtype == "fp32" else f"{self.backend}:{self.dtype}"
 
     def points(self) -> list[tuple[str, int, int]]:
         """(phase, new tokens, cached tokens) of every timed forward."""
