@@ -323,6 +323,40 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
 MATMUL_GROUPS = ("matmul", "skinny", "gemv")
 
 
+def compiled_correction(d: dict, loaded: dict, progress=None) -> None:
+    """Scale the compiled modes' roofline terms by one factor each, fitted on a full-depth calibration model's
+    untraced compiled forwards. The compiled graph does not run the eager kernels (its matmuls, the functional
+    KV-cache update), and the tiny model that measures its per-step and per-layer host cost cannot show that
+    part, which grows with the model."""
+    from perfmodel.costmodel.operators import Precision
+    from perfmodel.specs.hardware import hardware_from_dict
+    from perfmodel.validation.validate import Case, Runner
+
+    hw = hardware_from_dict(d, "calibration")
+    prec = Precision("fp32", "fp32", "fp32")
+    for mode in ("graph", "fused"):
+        key = f"torch:{mode}"
+        if key not in d["engines"]:
+            continue
+        case = Case(CALIBRATION_MODEL, None, "torch", "fp32", 1, 40, (300, 1500), True, exec=mode)
+        runner = Runner([case], hw, loaded)
+        res = runner.measure(repeats=3, traced_repeats=0, progress=lambda s: progress and progress(
+            f"{key} calibration case: {s}"))[0]
+        spec, hw_e = runner._engine(case).spec, hw.for_engine(case.profile)
+        terms = []
+        for row in res.phase_rows:
+            point = (row["phase"], row["new_tokens"], row["context"] - row["new_tokens"])
+            terms.append((*phase_terms(spec, case, point, hw_e, prec), row["measured_s"]))
+        roof, disp, host, wall = (np.array(col) for col in zip(*terms))
+        a = np.geomspace(0.5, 3.0, 121)[:, None]
+        err = (np.log((a * roof + disp + host) / wall) ** 2).sum(axis=-1)
+        a = float(a[int(np.argmin(err)), 0])
+        eff = d["engines"][key]["efficiency"]
+        for table in ("kind_compute", "kind_memory"):
+            eff[table] = {k: round(v / a, 4) for k, v in eff[table].items()}
+        d["provenance"].setdefault("phase_correction", {})[key] = {"roofline": round(a, 3)}
+
+
 def phase_terms(spec, case, point, hw, precision, experts_touched=None) -> tuple[float, float, float]:
     """A forward pass's predicted (roofline, per-operator dispatch, host glue) seconds, as validate sums them."""
     from perfmodel.costmodel.operators import phase_ops
@@ -549,6 +583,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                     if key.split(":")[0] == backend:
                         prof["efficiency"].update(fitted)
             if "torch" in backends:
+                compiled_correction(d, loaded, progress=step)
                 # bf16 gets its own fit: on a CPU without bf16 units every operand is converted, so none of
                 # fp32's multipliers carry over (validate predicts bf16 runs with engines["torch:bf16"])
                 base = d["engines"]["torch"]
