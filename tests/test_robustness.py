@@ -93,3 +93,21 @@ def test_output_path_that_is_a_folder_or_unwritable_is_one_line(tmp_path, capsys
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("perfmodel: error: --out"), err
+
+
+def test_no_deprecation_warning_on_import_or_command():
+    """Every module (torch and pynvml included) imports, and a command runs, with deprecations as errors."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, perfmodel\n"
+            "for m in pkgutil.walk_packages(perfmodel.__path__, 'perfmodel.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "import pynvml\n"
+            "from perfmodel.cli.app import main\n"
+            "raise SystemExit(main(['analyze', '--format', 'json']) + main(['simulate', '--requests', '20']))\n")
+    r = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning",
+                        "-W", "error::PendingDeprecationWarning", "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Warning" not in r.stderr
