@@ -111,3 +111,14 @@ def test_no_deprecation_warning_on_import_or_command():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Warning" not in r.stderr
+
+
+def test_tensor_parallel_degree_beyond_the_heads_is_refused(capsys):
+    from perfmodel.cli.app import main
+
+    # 8 KV heads divide 64, but 32 query heads cannot be split 64 ways (it printed 1/2 a head per device)
+    for args in (["analyze", "--tp", "64"], ["sweep", "--tp", "1,64", "--batch", "1"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "32 attention heads" in err[0]
+    assert main(["analyze", "--tp", "32", "--format", "json"]) == 0

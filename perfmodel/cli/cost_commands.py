@@ -183,6 +183,11 @@ def sweep_cmd(
     hws, mode = [r[0] for r in resolved], resolved[0][1]
     precision = runtime_precision(Precision(weight_dtype or dtype, dtype, kv_dtype or dtype), hws[0],
                                   resolved[0][2])
+    from perfmodel.costmodel.parallel import Parallelism
+
+    for m in models_:  # refuse a degree the model cannot split before any chunk runs
+        for t in tps:
+            Parallelism(tp=t).check(m)
     frames = iter_sweep(models_, hws, *grid, precision=precision, flash=flash, exec_mode=mode, tps=tps)
     shown: list = []  # the rows printed: all of a printable grid, else the first TABLE_ROWS
 

@@ -50,6 +50,8 @@ class Parallelism:
     def check(self, model: ModelSpec) -> None:
         if model.num_kv_heads % self.tp and self.tp % model.num_kv_heads:
             raise PerfmodelError(f"tp: {self.tp} does not divide {model.name}'s {model.num_kv_heads} KV heads")
+        if self.tp > model.num_heads:  # a device must hold at least one query head
+            raise PerfmodelError(f"tp: {self.tp} exceeds {model.name}'s {model.num_heads} attention heads")
         if self.pp > model.num_layers:
             raise PerfmodelError(f"pp: {self.pp} exceeds {model.name}'s {model.num_layers} layers")
         if self.ep > 1 and not model.is_moe:

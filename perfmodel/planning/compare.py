@@ -22,7 +22,7 @@ def compare(model: ModelSpec, hws: list[HardwareSpec], inp: int, out: int, batch
     for hw in hws:
         # the smallest tensor-parallel group on which the batch fits (one device when it can)
         for tp in (1, 2, 4, 8):
-            if model.num_kv_heads % tp and tp % model.num_kv_heads:
+            if tp > model.num_heads or (model.num_kv_heads % tp and tp % model.num_kv_heads):
                 continue
             if tp > 1 and hw.interconnect is None:
                 break

@@ -34,7 +34,7 @@ class PlanInput:
 
 def _candidates(model: ModelSpec, max_tp: int, max_pp: int):
     for tp in (1, 2, 4, 8, 16):
-        if tp > max_tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
+        if tp > max_tp or tp > model.num_heads or (model.num_kv_heads % tp and tp % model.num_kv_heads):
             continue
         for pp in (1, 2, 4, 8):
             if pp <= max_pp and pp <= model.num_layers:
