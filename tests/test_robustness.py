@@ -122,3 +122,18 @@ def test_tensor_parallel_degree_beyond_the_heads_is_refused(capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "32 attention heads" in err[0]
     assert main(["analyze", "--tp", "32", "--format", "json"]) == 0
+
+
+def test_simulator_refuses_a_run_that_would_take_hours():
+    import numpy as np
+    import pytest
+
+    from perfmodel.errors import PerfmodelError
+    from perfmodel.planning.deploy import Deployment
+    from perfmodel.planning.simulate import SIM_MAX_REQUESTS, simulate
+    from perfmodel.planning.workload import Requests
+
+    n = SIM_MAX_REQUESTS + 1
+    reqs = Requests(np.arange(n, dtype=float), np.full(n, 8), np.full(n, 2))
+    with pytest.raises(PerfmodelError, match="at most 1,000,000"):
+        simulate(Deployment(load_model("smollm2-135m"), load_hardware("h100-sxm")), reqs)

@@ -127,9 +127,15 @@ def kv_pool_blocks(dep: Deployment, block_tokens: int) -> int:
     return int(free_bytes // (kv_tok * block_tokens))
 
 
+SIM_MAX_REQUESTS = 1_000_000
+
+
 def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerConfig(),
              ttft_slo: float | None = None, tpot_slo: float | None = None) -> dict:
     n = len(reqs.check("simulate"))
+    if n > SIM_MAX_REQUESTS:  # the event loop runs ~1,000 requests/s: past this it would run for hours
+        raise PerfmodelError(f"simulate: {n:,} requests; allowed: at most {SIM_MAX_REQUESTS:,} (for more, plan's "
+                             "closed-form saturation scales without simulating)")
     bt = cfg.block_tokens
     total_blocks = cfg.kv_blocks or kv_pool_blocks(dep, bt)
     longest = int((reqs.input_tokens + reqs.output_tokens).max())
