@@ -137,3 +137,12 @@ def test_simulator_refuses_a_run_that_would_take_hours():
     reqs = Requests(np.arange(n, dtype=float), np.full(n, 8), np.full(n, 2))
     with pytest.raises(PerfmodelError, match="at most 1,000,000"):
         simulate(Deployment(load_model("smollm2-135m"), load_hardware("h100-sxm")), reqs)
+
+
+def test_report_name_cannot_leave_its_folder(tmp_path, capsys):
+    from perfmodel.cli.app import main
+
+    for bad in ("../../x", "a/b", "", ".."):
+        assert main(["report", "--name", bad, "--out-root", str(tmp_path / "rep")]) == 2
+        assert "--name" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()

@@ -175,6 +175,16 @@ def float_list(field: str, text: str) -> list[float]:
     return out
 
 
+def plain_name(flag: str, text: str) -> str:
+    """A file or folder name without a path: '../x' or 'a/b' would put the output outside its folder."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", str(text)):
+        raise PerfmodelError(f"{flag}: {show(text)} is not valid; allowed: letters, digits, '.', '_', '-' "
+                             "(at most 64, no path)")
+    return text
+
+
 def name_list(text: str) -> list[str]:
     return [x.strip() for x in str(text).split(",") if x.strip()]
 

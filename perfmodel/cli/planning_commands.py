@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from perfmodel.cli.app import app
-from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, names
+from perfmodel.cli.options import DEFAULT_HARDWARE, DEFAULT_MODEL, int_list, names, plain_name
 from perfmodel.cli.runtime_options import EXEC_OPT, FRAMEWORK_OPT, runtime, runtime_precision
 from perfmodel.errors import PerfmodelError, bad_value
 from perfmodel.output import check_format, console, emit, print_table, seconds, si
@@ -397,6 +397,8 @@ def report(
     from perfmodel.specs import load_hardware, load_model
 
     check_format(format)
+    if name is not None:
+        plain_name("--name", name)
     m = load_model(model)
     hw, mode, prof = runtime(load_hardware(hardware), exec, framework)
     a = run_analysis(m, hw, Workload(batch, input, output),
@@ -406,7 +408,7 @@ def report(
     if m.is_decoder_only:
         plan_result = run_plan(m, hw, PlanInput(np.array([input]), np.array([output]), rate),
                                check_slo(SLO(ttft, tpot)), a.precision, exec_mode=mode)
-    folder = out_root / (name or f"{m.name}-{hw.name}")
+    folder = out_root / (name if name is not None else f"{m.name}-{hw.name}")
     path = build_report(a, plan_result, folder, f"{m.name} on {hw.description}")
     result = {"report": str(path), "figures": sorted(str(p) for p in folder.glob("*.png"))}
     if emit(format, result, [result]):

@@ -61,14 +61,12 @@ def _check_calibration_target(out_dir: Path, name: str | None) -> Path:
     """The YAML calibrate will write (out_dir/local-<name>.yaml) must be a plain name in out_dir and may
     replace only a file an earlier calibrate wrote (its first line says so): a library hardware YAML, or one
     written by hand, is never overwritten."""
-    import re
     import socket
 
-    from perfmodel.errors import show
+    from perfmodel.cli.options import plain_name
 
-    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
-        raise PerfmodelError(f"--name: {show(name)} is not valid; allowed: letters, digits, '.', '_', '-' "
-                             "(at most 64, no path)")
+    if name is not None:
+        plain_name("--name", name)
     host = name or socket.gethostname().split(".")[0].lower() or "machine"
     target = Path(out_dir) / f"local-{host}.yaml"
     if target.is_symlink() or (target.exists() and not target.is_file()):
