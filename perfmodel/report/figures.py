@@ -30,6 +30,11 @@ def roofline(a, title: str):
         ax.annotate(f"ridge {peak * 1e12 / bw:.0f}", (peak * 1e12 / bw, peak), fontsize=7, alpha=0.7)
     ax.plot(ai, np.minimum(hw.vector_tflops * 1e12, ai * bw) / 1e12, "k:", lw=1, label="vector (elementwise)")
     ax.plot(ai, ai * bw / 1e12, color="grey", lw=0.6, ls="--", label=f"memory roof: {hw.memory_bandwidth_gbps:g} GB/s")
+    top = hw.peak_tflops.get(a.precision.compute_dtype, max(hw.peak_tflops.values())) * 1e12
+    for level, ls in zip(hw.memory_levels, ("-.", ":", (0, (3, 1, 1, 1)))):
+        # an operator whose working set fits this level reads at its bandwidth (the cache-aware roofline)
+        ax.plot(ai, np.minimum(top, ai * level.bandwidth) / 1e12, color="tab:green", lw=0.8, ls=ls,
+                label=f"{level.name} roof: {level.bandwidth / 1e9:.4g} GB/s (≤ {level.capacity_bytes / 2**20:.3g} MiB)")
     for phase, marker, color in (("prefill", "o", "tab:blue"), ("decode", "s", "tab:orange")):
         rows = [r for r in a.op_rows() if r["phase"] == phase and r["flops"] > 0]
         x = np.array([r["arithmetic_intensity"] for r in rows])

@@ -70,6 +70,12 @@ def roofline(hw, op_rows: list[dict], path: Path, title: str, dtype: str = "fp32
         ax.plot(ai, np.minimum(peak * 1e12, ai * bw) / 1e9, lw=1.5 if name == dtype else 0.8,
                 label=f"{name} roof {peak:g} TFLOP/s")
     ax.plot(ai, np.minimum(hw.vector_tflops * 1e12, ai * bw) / 1e9, "k:", lw=1, label="vector (elementwise)")
+    top = hw.peak_tflops.get(dtype, max(hw.peak_tflops.values())) * 1e12
+    for level, ls in zip(hw.memory_levels, ("-.", "--", (0, (3, 1, 1, 1)))):
+        # the cache-aware roofline: a working set that fits this level reads at its bandwidth
+        ax.plot(ai, np.minimum(top, ai * level.bandwidth) / 1e9, color="tab:green", lw=0.8, ls=ls,
+                label=f"{level.name} roof {level.bandwidth / 1e9:.4g} GB/s (≤ {level.capacity_bytes / 2**20:.3g} MiB)")
+    ax.plot(ai, ai * bw / 1e9, color="grey", lw=0.6, ls="--", label=f"DRAM roof {bw / 1e9:g} GB/s")
     rows = [r for r in op_rows if r["flops"] > 0 and r["measured_s"] > 0]
     for phase, marker in (("prefill", "o"), ("decode", "s")):
         rs = [r for r in rows if r["phase"] == phase]
