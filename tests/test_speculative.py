@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import needs_torch, small
+from conftest import needs_torch, needs_weights, small
 from perfmodel.costmodel.operators import Precision
 from perfmodel.costmodel.speculative import draft_ops, verify_ops
 from perfmodel.engine.backend import make_backend
@@ -239,3 +239,22 @@ def test_the_baseline_loop_is_plain_decoding():
     m = _target()
     g = speculative_generate(m, NoDrafter(), PROMPT, 12, 4, SamplingParams())
     assert g.tokens == _plain(m, PROMPT, 12) and g.tokens_per_step == 1.0 and len(g.steps) == 11
+
+
+@needs_weights
+@needs_torch
+@pytest.mark.weights
+@pytest.mark.slow
+def test_real_weights_greedy_speculative_equals_plain(smollm2):
+    """SmolLM2-135M: prompt lookup and the int8 draft reproduce plain greedy decoding; the int8 draft agrees."""
+    from perfmodel.engine.quantised import int8_model
+
+    spec, w, tok = smollm2
+    m = Transformer(spec, w, make_backend("numpy"))
+    ids = tok.encode("The for statement repeats. The for statement")
+    want = _plain(m, ids, 12)
+    for d in (NgramDrafter(3), ModelDrafter(int8_model(spec, w), len(ids) + 20)):
+        got = speculative_generate(m, d, ids, 12, 4, SamplingParams())
+        assert got.tokens == want
+        if isinstance(d, ModelDrafter):
+            assert got.acceptance_rate > 0.8
