@@ -146,3 +146,22 @@ def test_report_name_cannot_leave_its_folder(tmp_path, capsys):
         assert main(["report", "--name", bad, "--out-root", str(tmp_path / "rep")]) == 2
         assert "--name" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_a_terminated_sweep_leaves_no_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "big.csv"
+    p = subprocess.Popen([sys.executable, "-m", "perfmodel", "sweep", "--input", "1:10000000", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".big.csv.*.tmp")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert p.poll() is None, p.communicate()  # writing when terminated
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=60)
+    assert p.returncode in (1, 130)  # interrupted (typer's Ctrl-C code is 130)
+    assert list(tmp_path.iterdir()) == []  # the temp file went with it, and no half grid was renamed in

@@ -97,5 +97,12 @@ def main(argv: list[str] | None = None) -> int:
                       "sweep --out FILE to stream)")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so atomic writes remove their temp files
+
+
 def run() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)  # `timeout`, a job scheduler, kill: leave no temp file behind
     sys.exit(main())
