@@ -105,6 +105,8 @@ def serve_bench(
             raise
         raise PerfmodelError(f"--hardware: {hw_name} not found; run `perfmodel calibrate` on this machine first "
                              "(or pass --hardware)") from None
+    # read before serving: a bad file must not cost a minutes-long real run first
+    fit_records = [(f, _records(f, "--fit-steps")) for f in (fit_steps or "").split(",") if f.strip()]
     if replay is not None:
         rec = _records(replay, "--replay")
         cfg = ServeConfig(**rec["config"])
@@ -115,6 +117,13 @@ def serve_bench(
     else:
         cfg = ServeConfig(kv_blocks, block_tokens, chunked_prefill, max_batch, prefix_cache)
         SchedulerConfig(max_batch, block_tokens, chunked_prefill, kv_blocks, prefix_cache)  # validates the fields
+    fit_train = []
+    for f, train in fit_records:
+        tw = train["workload"]
+        if (tw.get("model"), tw.get("backend"), tw.get("layers")) != (model, backend, layers):
+            raise PerfmodelError(f"--fit-steps: {f} was measured with another model, depth or backend")
+        fit_train += train["steps"]
+    if replay is None:
         reqs = trace_requests(trace) if trace else poisson_requests(
             rate, requests, LengthDist.parse("--input", input), LengthDist.parse("--output", output), seed)
         reqs = reqs.with_shared_prefix(shared_prefix) if shared_prefix else reqs.with_shared_prefix(0)
@@ -138,14 +147,7 @@ def serve_bench(
     if fit_steps is not None:
         from perfmodel.serving.fit import fit_terms, step_errors
 
-        steps = []
-        for f in [x.strip() for x in fit_steps.split(",") if x.strip()]:
-            train = _records(f, "--fit-steps")
-            w = train.get("workload", {})
-            if (w.get("model"), w.get("backend"), w.get("layers")) != (model, backend, layers):
-                raise PerfmodelError(f"--fit-steps: {f} was measured with another model, depth or backend")
-            steps += train["steps"]
-        fitted, fit = fit_terms(dep, steps)
+        fitted, fit = fit_terms(dep, fit_train)
         fit["records"] = fit_steps
         fit["this_run_before"] = step_errors(dep, rec["steps"])
         dep = dataclasses.replace(dep, hardware=fitted)
