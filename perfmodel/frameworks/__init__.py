@@ -26,8 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from perfmodel.costmodel.execution import DEFAULT_EXEC, check_exec_mode
+from typing import Annotated, Any, Literal
+
+from pydantic import StrictBool, StringConstraints, field_validator
+
+from perfmodel.costmodel.execution import DEFAULT_EXEC, EXEC_MODES, check_exec_mode
 from perfmodel.errors import PerfmodelError, bad_value
+from perfmodel.schemas import Strict, count, number, validate
 from perfmodel.specs.hardware import HardwareSpec
 
 KINDS = ("matmul", "attention", "elementwise", "memory")
@@ -96,78 +101,59 @@ class FrameworkProfile:
         return d
 
 
-def _num(where: str, v, lo: float = 0.0, hi: float = 1e9) -> float:
-    import math
+Multiplier = number(gt=0, le=2)  # on the hardware's efficiency: a framework may beat the library's band
+HostMicros = number(ge=0, le=1e7)
+FormatName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=32)]
 
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
-        raise PerfmodelError(f"{where}: must be a finite number in ({lo:g}, {hi:g}], got {v!r}")
-    return float(v)
+
+class KindMultipliers(Strict):
+    compute: Multiplier | None = None
+    memory: Multiplier | None = None
+
+
+class FamilyEfficiency(Strict):
+    compute: Multiplier | None = None
+    memory: Multiplier | None = None
+    kinds: dict[Literal[KINDS], KindMultipliers] | None = None
+
+
+class FrameworkSchema(Strict):
+    """A profile YAML as written: unknown fields refused, every multiplier and time finite and in range."""
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    description: str | None = None
+    version: str = ""
+    exec: Literal[EXEC_MODES]
+    efficiency: dict[str, FamilyEfficiency] | None = None
+    host_overhead_us: dict[str, HostMicros] | None = None  # per hardware family; one figure is the default's
+    kv_block_tokens: count(1, 4096) = 16
+    weight_formats: list[FormatName] | None = None
+    kv_formats: list[FormatName] | None = None
+    native_compute: list[FormatName] | None = None
+    fp16_accumulate: StrictBool = False
+    provenance: dict[str, Any] | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _unquoted_version(cls, v):
+        # `version: 0.11` in YAML is a float; it names a release all the same
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("host_overhead_us", mode="before")
+    @classmethod
+    def _one_figure_is_the_default(cls, v):
+        return v if isinstance(v, dict) or v is None else {"default": v}
 
 
 def profile_from_dict(d: dict, where: str) -> FrameworkProfile:
-    if not isinstance(d, dict):
-        raise PerfmodelError(f"{where}: expected a YAML mapping of fields")
-    allowed = {"name", "description", "version", "exec", "efficiency", "host_overhead_us", "kv_block_tokens",
-               "weight_formats", "kv_formats", "native_compute", "fp16_accumulate", "provenance"}
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise PerfmodelError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    for f in ("name", "exec"):
-        if f not in d:
-            raise PerfmodelError(f"{where}: missing field {f!r}")
-    try:
-        mode = check_exec_mode(str(d["exec"]))
-    except PerfmodelError:
-        raise bad_value(f"{where}: exec", d["exec"], "eager|graph|fused") from None
-    eff = d.get("efficiency") or {}
-    if not isinstance(eff, dict):
-        raise PerfmodelError(f"{where}: efficiency: must map a hardware family to multipliers")
-    for fam, table in eff.items():
-        if not isinstance(table, dict):
-            raise PerfmodelError(f"{where}: efficiency.{fam}: must map compute/memory/<kind> to multipliers")
-        for k, v in table.items():
-            if k in ("compute", "memory"):
-                _num(f"{where}: efficiency.{fam}.{k}", v, 0.0, 2.0)
-            elif k == "kinds" and isinstance(v, dict):
-                for kind, mult in v.items():
-                    if kind not in KINDS or not isinstance(mult, dict):
-                        raise bad_value(f"{where}: efficiency.{fam}.kinds.{kind}", kind, "|".join(KINDS))
-                    for kk, vv in mult.items():
-                        if kk not in ("compute", "memory"):
-                            raise bad_value(f"{where}: efficiency.{fam}.kinds.{kind}.{kk}", kk, "compute|memory")
-                        _num(f"{where}: efficiency.{fam}.kinds.{kind}.{kk}", vv, 0.0, 2.0)
-            else:
-                raise bad_value(f"{where}: efficiency.{fam}.{k}", k, "compute|memory|kinds")
-    host = d.get("host_overhead_us") or {}
-    if isinstance(host, (int, float)) and not isinstance(host, bool):
-        host = {"default": host}
-    if not isinstance(host, dict):
-        raise bad_value(f"{where}: host_overhead_us", host, "microseconds, or a map of hardware family to them")
-    for fam, v in host.items():
-        if v != 0:
-            _num(f"{where}: host_overhead_us.{fam}", v, 0.0, 1e7)
-    acc16 = d.get("fp16_accumulate", False)
-    if not isinstance(acc16, bool):
-        raise bad_value(f"{where}: fp16_accumulate", acc16, "true|false")
-    blocks = d.get("kv_block_tokens", 16)
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= 4096:
-        raise bad_value(f"{where}: kv_block_tokens", blocks, "an integer in 1..4096")
-    for f in ("weight_formats", "kv_formats", "native_compute"):
-        v = d.get(f) or []
-        if not isinstance(v, list) or not all(isinstance(x, str) and 0 < len(x) <= 32 for x in v):
-            raise bad_value(f"{where}: {f}", v, "a list of format names like [bf16, fp8]")
-    for f in ("name", "description", "version"):
-        bad_type = f in d and not isinstance(d[f], (str, int, float))
-        if bad_type or (f == "name" and not str(d[f]).strip()):
-            raise bad_value(f"{where}: {f}", d.get(f), "a non-empty string")
-    if not isinstance(d.get("provenance") or {}, dict):
-        raise bad_value(f"{where}: provenance", d["provenance"], "a map of figure to source")
-    return FrameworkProfile(name=str(d["name"]), description=str(d.get("description", d["name"])), exec_mode=mode,
-                            version=str(d.get("version", "")), efficiency=eff, host_overhead_us=dict(host),
-                            kv_block_tokens=blocks, weight_formats=tuple(d.get("weight_formats") or ()),
-                            kv_formats=tuple(d.get("kv_formats") or ()),
-                            native_compute=tuple(d.get("native_compute") or ()), fp16_accumulate=acc16,
-                            provenance=d.get("provenance") or {}, path=where)
+    f = validate(FrameworkSchema, d, where)
+    host = f.host_overhead_us or {}
+    eff = {fam: t.model_dump(exclude_none=True) for fam, t in (f.efficiency or {}).items()}
+    return FrameworkProfile(name=f.name, description=f.description or f.name, exec_mode=f.exec, version=f.version,
+                            efficiency=eff, host_overhead_us=dict(host), kv_block_tokens=f.kv_block_tokens,
+                            weight_formats=tuple(f.weight_formats or ()), kv_formats=tuple(f.kv_formats or ()),
+                            native_compute=tuple(f.native_compute or ()), fp16_accumulate=f.fp16_accumulate,
+                            provenance=f.provenance or {}, path=where)
 
 
 @lru_cache(maxsize=None)
