@@ -95,34 +95,46 @@ def measure(target, tok, draft_model, hw: HardwareSpec | None, gammas=GAMMAS, ma
         if which and name not in which:
             continue
         ids = tok.encode(text)
-        plain_runs = []
-        for _ in range(repeats + 1):  # the first run warms caches and BLAS
+
+        def plain() -> tuple[float, list[int]]:
             g = speculative_generate(target, NoDrafter(), ids, max_new_tokens, 1, greedy)
-            plain_runs.append(g.decode_s / (len(g.tokens) - 1))
-        plain_tokens = g.tokens
-        plain_s = statistics.median(plain_runs[1:])
+            return g.decode_s / (len(g.tokens) - 1), g.tokens
+
+        _, plain_tokens = plain()  # warms caches and BLAS
         for drafter in drafters:
             for gamma in gammas:
                 if progress:
                     progress(f"{name} {drafter} γ={gamma}")
-                runs = []
-                for _ in range(repeats):
+                # Plain and speculative runs alternate in pairs and the speed-up is the median of the pairs'
+                # ratios: on a shared VM the machine's speed drifts by a third within minutes, so a baseline
+                # measured once per prompt (the earlier method) put that drift into every ratio.
+                runs, plain_runs, ratios = [], [], []
+                for i in range(repeats):
                     d = NgramDrafter(3) if drafter == "ngram" else ModelDrafter(
                         draft_model, len(ids) + max_new_tokens + gamma + 2)
-                    t0 = time.perf_counter()
-                    sg = speculative_generate(target, d, ids, max_new_tokens, gamma, greedy)
-                    runs.append((sg, time.perf_counter() - t0))
-                sg = runs[-1][0]
-                spec_s = statistics.median(r.decode_s for r, _ in runs) / (len(sg.tokens) - 1)
+                    if i % 2:
+                        sg = speculative_generate(target, d, ids, max_new_tokens, gamma, greedy)
+                        p_s, _ = plain()
+                    else:
+                        p_s, _ = plain()
+                        sg = speculative_generate(target, d, ids, max_new_tokens, gamma, greedy)
+                    runs.append(sg)
+                    plain_runs.append(p_s)
+                    ratios.append(p_s / (sg.decode_s / (len(sg.tokens) - 1)))
+                sg = runs[-1]
+                plain_s = statistics.median(plain_runs)
+                spec_s = statistics.median(r.decode_s for r in runs) / (len(sg.tokens) - 1)
                 row = {"prompt": name, "drafter": drafter, "gamma": gamma, "prompt_tokens": len(ids),
                        "generated_tokens": len(sg.tokens), "acceptance_rate": sg.acceptance_rate,
                        "tokens_per_target_step": sg.tokens_per_step,
                        "draft_ms": 1e3 * statistics.median(sum(s.draft_s for s in r.steps) / len(r.steps)
-                                                           for r, _ in runs),
+                                                           for r in runs),
                        "verify_ms": 1e3 * statistics.median(sum(s.verify_s for s in r.steps) / len(r.steps)
-                                                            for r, _ in runs),
+                                                            for r in runs),
                        "plain_decode_ms": 1e3 * plain_s, "spec_ms_per_token": 1e3 * spec_s,
-                       "measured_speedup": plain_s / spec_s, "same_tokens": sg.tokens == plain_tokens}
+                       "measured_speedup": statistics.median(ratios),
+                       "speedup_spread_pct": 100 * (max(ratios) - min(ratios)) / statistics.median(ratios),
+                       "same_tokens": sg.tokens == plain_tokens}
                 if hw is not None:
                     costs = step_costs(target.spec, draft_model.spec if drafter == "int8" else None, hw,
                                        len(ids) + max_new_tokens // 2, gamma, getattr(draft_model, "flash", True))
