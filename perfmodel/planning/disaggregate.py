@@ -32,6 +32,7 @@ import numpy as np
 from perfmodel.costmodel.operators import kv_cache_bytes
 from perfmodel.errors import PerfmodelError, show
 from perfmodel.planning.deploy import Deployment
+from perfmodel.planning.latency import latency_summary, percentiles, request_latencies
 from perfmodel.planning.simulate import SchedulerConfig, StepCosts, kv_pool_blocks
 from perfmodel.planning.workload import Requests
 
@@ -205,26 +206,13 @@ def simulate_split(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = Sched
                    ttft_slo: float | None = None, tpot_slo: float | None = None, split: Split = Split(1, 1)) -> dict:
     """simulate()'s summary for a disaggregated deployment, plus its pools' figures under 'disaggregation'."""
     x = run_split(dep, reqs, cfg, split)
-    arrival, finish, out = x["arrival"], x["finish"], x["out"]
-    ttft, tpot, e2e = latencies(x)
-    span = float(finish.max() - arrival[0])
-    good = np.ones(len(arrival), dtype=bool)
-    if ttft_slo:
-        good &= ttft <= ttft_slo
-    if tpot_slo:
-        good &= tpot <= tpot_slo
-    pct = lambda v: {f"p{q}": float(np.percentile(v, q)) for q in (50, 90, 99)}  # noqa: E731
-    n = len(arrival)
-    dec = out > 1
-    return {"requests": n, "duration_s": span, "iterations": x["decode_steps"], "preemptions": 0,
-            "kv_blocks": x["kv_blocks"], "ttft_s": pct(ttft), "tpot_s": pct(tpot), "e2e_s": pct(e2e),
-            "mean_ttft_s": float(ttft.mean()), "mean_tpot_s": float(tpot[dec].mean()) if dec.any() else 0.0,
-            "throughput_output_tokens_per_s": float(out.sum() / span), "throughput_requests_per_s": n / span,
-            "goodput_requests_per_s": float(good.sum() / span), "slo_attainment": float(good.mean()),
+    summary = latency_summary(x["arrival"], x["first"], x["finish"], x["out"], ttft_slo, tpot_slo)
+    span = summary["duration_s"]
+    return {**summary, "iterations": x["decode_steps"], "preemptions": 0, "kv_blocks": x["kv_blocks"],
             "utilisation": (x["prefill_busy_s"] + x["decode_busy_s"]) / (span * split.instances),
             "prefix_hit_rate": 0.0, "host_overhead_per_step_s": x["host_s"],
             "disaggregation": {"prefill": split.prefill, "decode": split.decode,
-                               "kv_transfer_s": pct(x["tx"]), "kv_transfer_bytes_mean":
+                               "kv_transfer_s": percentiles(x["tx"]), "kv_transfer_bytes_mean":
                                    float(kv_transfer_bytes(dep, reqs.input_tokens).mean()),
                                "prefill_busy": x["prefill_busy_s"] / (span * split.prefill),
                                "decode_busy": x["decode_busy_s"] / (span * split.decode)}}
@@ -232,9 +220,7 @@ def simulate_split(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = Sched
 
 def latencies(x: dict):
     """TTFT, TPOT and E2E of every request of a run_split result."""
-    ttft = x["first"] - x["arrival"]
-    tpot = np.where(x["out"] > 1, (x["finish"] - x["first"]) / np.maximum(x["out"] - 1, 1), 0.0)
-    return ttft, tpot, x["finish"] - x["arrival"]
+    return request_latencies(x["arrival"], x["first"], x["finish"], x["out"])
 
 
 def split_capacity(dep: Deployment, input_tokens, output_tokens, cfg: SchedulerConfig = SchedulerConfig(),

@@ -32,6 +32,7 @@ from perfmodel.costmodel.ragged import attention_ops, attention_seconds, body_op
 from perfmodel.costmodel.roofline import op_timings
 from perfmodel.errors import PerfmodelError
 from perfmodel.planning.deploy import Deployment, memory_per_device
+from perfmodel.planning.latency import latency_summary
 from perfmodel.planning.workload import Requests
 from perfmodel.schemas import TOKENS_MAX, count, validate
 
@@ -291,21 +292,8 @@ def simulate(dep: Deployment, reqs: Requests, cfg: SchedulerConfig = SchedulerCo
             if r in running and need > 0:
                 take(need)
                 held[r] += need
-    ttft = first_tok - arrival
-    tpot = np.where(out > 1, (finish - first_tok) / np.maximum(out - 1, 1), 0.0)
-    e2e = finish - arrival
-    span = finish.max() - arrival[0]
-    good = np.ones(n, dtype=bool)
-    if ttft_slo:
-        good &= ttft <= ttft_slo
-    if tpot_slo:
-        good &= tpot <= tpot_slo
-    pct = lambda x: {f"p{q}": float(np.percentile(x, q)) for q in (50, 90, 99)}  # noqa: E731
-    return {"requests": n, "duration_s": float(span), "iterations": iterations, "preemptions": preemptions,
-            "kv_blocks": total_blocks, "ttft_s": pct(ttft), "tpot_s": pct(tpot), "e2e_s": pct(e2e),
-            "mean_ttft_s": float(ttft.mean()), "mean_tpot_s": float(tpot[out > 1].mean()) if (out > 1).any() else 0.0,
-            "throughput_output_tokens_per_s": float(out.sum() / span),
-            "throughput_requests_per_s": float(n / span), "goodput_requests_per_s": float(good.sum() / span),
-            "slo_attainment": float(good.mean()), "utilisation": float(busy / span),
+    summary = latency_summary(arrival, first_tok, finish, out, ttft_slo, tpot_slo)
+    return {**summary, "iterations": iterations, "preemptions": preemptions, "kv_blocks": total_blocks,
+            "utilisation": float(busy / summary["duration_s"]),
             "prefix_hit_rate": hit_tokens / max(prompt_tokens, 1),
             "host_overhead_per_step_s": costs.host_s}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfmodel.errors import PerfmodelError
+from perfmodel.planning.latency import latency_summary
 from perfmodel.planning.workload import Requests
 from perfmodel.serving.blocks import BlockPool
 from perfmodel.serving.runner import RaggedRunner
@@ -131,25 +132,12 @@ def metrics(rec: dict, ttft_slo: float | None = None, tpot_slo: float | None = N
     out = np.array([r["output_tokens"] for r in rs])
     if any(len(r["token_times"]) != r["output_tokens"] for r in rs):
         raise PerfmodelError("serve-bench: a request did not produce exactly its output tokens")
-    ttft = first - arrival
-    tpot = np.where(out > 1, (finish - first) / np.maximum(out - 1, 1), 0.0)
-    e2e = finish - arrival
-    span = finish.max() - arrival[0]
-    good = np.ones(len(rs), dtype=bool)
-    if ttft_slo:
-        good &= ttft <= ttft_slo
-    if tpot_slo:
-        good &= tpot <= tpot_slo
-    pct = lambda x: {f"p{q}": float(np.percentile(x, q)) for q in (50, 90, 99)}  # noqa: E731
+    summary = latency_summary(arrival, first, finish, out, ttft_slo, tpot_slo)
     st = rec["stats"]
     steps = rec["steps"]
     busy = sum(s["forward_s"] + s["host_s"] for s in steps)
-    return {"requests": len(rs), "duration_s": float(span), "iterations": len(steps),
-            "preemptions": st["preemptions"], "ttft_s": pct(ttft), "tpot_s": pct(tpot), "e2e_s": pct(e2e),
-            "mean_ttft_s": float(ttft.mean()), "mean_tpot_s": float(tpot[out > 1].mean()) if (out > 1).any() else 0.0,
-            "throughput_output_tokens_per_s": float(out.sum() / span),
-            "throughput_requests_per_s": float(len(rs) / span), "goodput_requests_per_s": float(good.sum() / span),
-            "slo_attainment": float(good.mean()), "utilisation": float(busy / span),
+    return {**summary, "iterations": len(steps), "preemptions": st["preemptions"],
+            "utilisation": float(busy / summary["duration_s"]),
             "prefix_hit_rate": st["hit_tokens"] / max(st["prompt_tokens"], 1),
             "host_overhead_per_step_s": float(np.mean([s["host_s"] for s in steps])) if steps else 0.0,
             "forward_per_step_s": float(np.mean([s["forward_s"] for s in steps])) if steps else 0.0}
