@@ -106,7 +106,7 @@ def serve_bench(
         raise PerfmodelError(f"--hardware: {hw_name} not found; run `perfmodel calibrate` on this machine first "
                              "(or pass --hardware)") from None
     # read before serving: a bad file must not cost a minutes-long real run first
-    fit_records = [(f, _records(f, "--fit-steps")) for f in (fit_steps or "").split(",") if f.strip()]
+    fit_records = [(f, _records(f, "--fit-steps")) for f in (x.strip() for x in (fit_steps or "").split(",")) if f]
     if replay is not None:
         rec = _records(replay, "--replay")
         cfg = ServeConfig(**rec["config"])
@@ -119,7 +119,7 @@ def serve_bench(
         SchedulerConfig(max_batch, block_tokens, chunked_prefill, kv_blocks, prefix_cache)  # validates the fields
     fit_train = []
     for f, train in fit_records:
-        tw = train["workload"]
+        tw = train.get("workload", {})
         if (tw.get("model"), tw.get("backend"), tw.get("layers")) != (model, backend, layers):
             raise PerfmodelError(f"--fit-steps: {f} was measured with another model, depth or backend")
         fit_train += train["steps"]
