@@ -94,7 +94,7 @@ def serve_bench(
     from perfmodel.planning.simulate import SchedulerConfig, simulate
     from perfmodel.planning.workload import LengthDist, Requests, poisson_requests, trace_requests
     from perfmodel.serving.bench import ServeConfig, metrics
-    from perfmodel.specs import load_hardware, load_model
+    from perfmodel.specs import load_hardware
 
     check_format(format)
     hw_name = hardware or _local_hardware()
