@@ -266,3 +266,45 @@ def test_serve_bench_refuses_a_file_that_is_not_records(tmp_path, capsys):
     bad.write_text('{"steps": []}')
     assert main(["serve-bench", "--replay", str(bad), "--hardware", "cpu-template"]) == 2
     assert "not a serve-bench records file" in capsys.readouterr().err
+
+
+def test_ragged_sequence_cost_replaces_attention_dispatch_per_sequence_and_layer():
+    import dataclasses
+
+    from perfmodel.costmodel.ragged import ragged_step_seconds
+
+    dep = _smol_dep()
+    m, hw, p = dep.model, dep.hardware, dep.precision
+    with_us = lambda us: dataclasses.replace(hw, efficiency=dataclasses.replace(hw.efficiency, ragged_sequence_us=us))  # noqa: E731
+    seqs = [(1, 200)] * 7 + [(48, 0)]
+    zero, ten = ragged_step_seconds(m, with_us(0.0), seqs, p), ragged_step_seconds(m, with_us(10.0), seqs, p)
+    assert ten - zero == pytest.approx(10e-6 * len(seqs) * m.num_layers, rel=1e-9)
+    # without the term, each attention operator pays its own (batched-op) dispatch: never cheaper than zero
+    assert ragged_step_seconds(m, hw, seqs, p) > zero
+    # graph modes launch one kernel over all sequences: the eager per-sequence term does not apply
+    assert ragged_step_seconds(m, with_us(10.0), seqs, p, exec_mode="graph") == pytest.approx(
+        ragged_step_seconds(m, with_us(0.0), seqs, p, exec_mode="graph"))
+
+
+def test_ragged_sequence_fit_recovers_a_known_cost():
+    import dataclasses
+
+    from perfmodel.costmodel.ragged import ragged_step_seconds
+    from perfmodel.validation.ragged_calibration import _compositions, fit_sequence_cost
+
+    dep = _smol_dep()
+    m, p = dep.model, dep.precision
+    truth = dataclasses.replace(dep.hardware, efficiency=dataclasses.replace(dep.hardware.efficiency,
+                                                                            ragged_sequence_us=27.0))
+    # measured = the model with a known per-sequence cost, plus a body error that is the same at every split
+    measured = {k: ragged_step_seconds(m, truth, c, p) + 0.004 for k, c in _compositions().items()}
+    assert fit_sequence_cost(m, dep.hardware, measured, p, flash=True) == pytest.approx(27.0, rel=1e-6)
+
+
+def test_ragged_sequence_cost_measured_on_a_small_engine():
+    from perfmodel.validation.ragged_calibration import measure_splits
+
+    spec = small("smollm2-135m", max_position=256)
+    engine = Transformer(spec, random_weights(spec, seed=0), make_backend("numpy"))
+    times = measure_splits(engine, repeats=2)
+    assert sorted(times) == [1, 3, 8, 16] and all(t > 0 for t in times.values())

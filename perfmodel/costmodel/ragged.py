@@ -74,14 +74,25 @@ def ragged_ops(model: ModelSpec, seqs, precision: Precision | None = None, flash
 
 def attention_seconds(ops: list[Op], hw: HardwareSpec, precision: Precision, exec_mode: str, footprint) -> float:
     """Seconds of per-sequence attention operators: each sequence's kernels launched on their own in eager
-    mode; in graph modes one kernel over all sequences (roofline times summed, no per-sequence floor)."""
+    mode; in graph modes one kernel over all sequences (roofline times summed, no per-sequence floor).
+
+    In eager mode the host cost is the calibrated per-sequence, per-layer cost of the ragged attention loop
+    (efficiency.ragged_sequence_us) where the hardware has one: a ragged step runs, per sequence, the paged-KV
+    write and gather and a one-sequence attention call, not the batched attention operator whose dispatch
+    cost the operator calibration measures."""
     total = 0.0
+    per_seq = hw.efficiency.ragged_sequence_us
+    sequences = 0
     for op in ops:
         t = op_timing(op, hw, precision, exec_mode, footprint)
-        if launches_per_op(exec_mode):
+        if launches_per_op(exec_mode) and per_seq is None:
             total += float(np.sum(t.time_s)) * op.layers
         else:
-            total += float(np.sum(np.maximum(t.compute_s, t.memory_s))) * op.layers
+            roof = np.maximum(t.compute_s, t.memory_s)
+            total += float(np.sum(roof)) * op.layers
+            sequences = max(sequences, int(np.size(roof)))
+    if launches_per_op(exec_mode) and per_seq is not None and ops:
+        total += per_seq * 1e-6 * sequences * max(op.layers for op in ops)
     return total
 
 

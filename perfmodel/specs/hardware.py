@@ -41,6 +41,10 @@ class Efficiency:
     # Host time of one eager forward pass outside its operators (the glue between them): per step and per layer.
     step_overhead_us: float = 0.0
     layer_overhead_us: float = 0.0
+    # Host cost per sequence per layer of a ragged serving step's attention loop (the paged-KV write and
+    # gather and one attention call per sequence), in place of the attention operators' own dispatch cost,
+    # which calibration measures on batched forwards. None: the operators' dispatch cost (eager mode).
+    ragged_sequence_us: float | None = None
     # Per efficiency group (an operator kind, or "gemv" for one-row matmuls): a multiplier on the per-call
     # dispatch cost measured on tiny tensors, fitted on real-size operators whose data is not in cache.
     kind_overhead_scale: dict = field(default_factory=dict)

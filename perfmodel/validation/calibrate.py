@@ -15,6 +15,8 @@ What is measured, and how it enters the model (a few interpretable numbers, no b
 - per operator kind, a compute and a memory efficiency multiplier fitted on the engine's own operators over
   calibration cases at full depth (weights streaming from DRAM, as in deployments) whose widths, batches and
   contexts the validation grid does not use;
+- ragged serving steps of the calibration model, one step's tokens split over 1-16 sequences -> the
+  per-sequence, per-layer host cost of the ragged attention loop (ragged_sequence_us; ragged_calibration.py);
 - cache sizes from /sys, memory capacity from /proc/meminfo.
 On an NVIDIA GPU, pynvml names the device, the matching datasheet YAML is the roof, and the matmul and
 bandwidth measurements run on the GPU through PyTorch.
@@ -31,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from perfmodel.validation.ragged_calibration import ragged_sequence_cost
 
 SQUARE = (64, 128, 256, 512, 1024, 1536)
 SKINNY_M = (1, 4, 16, 64, 256)
@@ -594,6 +598,13 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                                         engine="torch:bf16")
                 d["provenance"]["phase_correction"]["torch:bf16"] = fitted.pop("phase_correction", None)
                 d["engines"]["torch:bf16"]["efficiency"].update(fitted)
+            for backend in backends:
+                # after the fits: the per-sequence cost is what their roofline leaves of a ragged step
+                ragged = ragged_sequence_cost(backend, d, loaded, progress=step)
+                d["provenance"].setdefault("ragged_splits_ms", {})[backend] = ragged["splits_ms"]
+                for key, prof in d["engines"].items():
+                    if key.split(":")[0] == backend:
+                        prof["efficiency"]["ragged_sequence_us"] = ragged["ragged_sequence_us"]
             d["efficiency"].update(d["engines"][backends[0]]["efficiency"])
     path = out_dir / f"{d['name']}.yaml"
     atomic_write(path, lambda p: p.write_text("# Written by `perfmodel calibrate`; re-run it to refresh.\n"
