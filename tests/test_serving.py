@@ -307,4 +307,4 @@ def test_ragged_sequence_cost_measured_on_a_small_engine():
     spec = small("smollm2-135m", max_position=256)
     engine = Transformer(spec, random_weights(spec, seed=0), make_backend("numpy"))
     times = measure_splits(engine, repeats=2)
-    assert sorted(times) == [1, 3, 8, 16] and all(t > 0 for t in times.values())
+    assert sorted(times) == [1, 4, 16, 32] and all(t > 0 for t in times.values())

@@ -15,7 +15,7 @@ What is measured, and how it enters the model (a few interpretable numbers, no b
 - per operator kind, a compute and a memory efficiency multiplier fitted on the engine's own operators over
   calibration cases at full depth (weights streaming from DRAM, as in deployments) whose widths, batches and
   contexts the validation grid does not use;
-- ragged serving steps of the calibration model, one step's tokens split over 1-16 sequences -> the
+- ragged serving steps of the calibration model, one step's 32 tokens split over 1-32 sequences -> the
   per-sequence, per-layer host cost of the ragged attention loop (ragged_sequence_us; ragged_calibration.py);
 - cache sizes from /sys, memory capacity from /proc/meminfo.
 On an NVIDIA GPU, pynvml names the device, the matching datasheet YAML is the roof, and the matmul and

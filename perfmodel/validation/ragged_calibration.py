@@ -7,7 +7,7 @@ operator calibration never sees (it measures the batched attention operator, one
 dispatch is larger). Priced with the batched operator's dispatch, a step of 16 decoding sequences of
 SmolLM2-135M was over-predicted by 25-46 % on the development VM.
 
-The measurement keeps the step's tokens fixed and splits them over k sequences: the body (matmuls, norms) is
+The measurement keeps the step's tokens fixed (32) and splits them over k = 1..32 sequences: the body (matmuls, norms) is
 the same for every k, so the measured time's growth with k, less the predicted growth of attention's roofline
 time and of the head (one row per sequence), is k times the per-sequence cost of every layer.
 """
@@ -19,8 +19,10 @@ import time
 
 import numpy as np
 
-TOKENS = 96  # per step, split over SPLITS sequences, each after PAST cached tokens
-SPLITS = (1, 3, 8, 16)
+# per step, split over SPLITS sequences, each after PAST cached tokens: few tokens, so that the body (the
+# same at every split) is small beside what grows with the split, up to one token per sequence (a decode step)
+TOKENS = 32
+SPLITS = (1, 4, 16, 32)
 PAST = 48
 BLOCK = 16
 
@@ -33,7 +35,7 @@ def _compositions() -> dict[int, list[tuple[int, int]]]:
     return out
 
 
-def measure_splits(engine, repeats: int = 5) -> dict[int, float]:
+def measure_splits(engine, repeats: int = 7) -> dict[int, float]:
     """Median forward seconds per split, repeats interleaved across the splits (a drifting VM then shifts
     every split alike rather than one)."""
     from perfmodel.serving.runner import PagedKV
