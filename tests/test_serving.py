@@ -3,6 +3,7 @@ every request finishes once, preempted requests recompute, prefix blocks freed o
 ragged step cost, the simulator's prefix cache, and a short serve-bench run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,7 +199,7 @@ def test_serve_bench_command_short_run(tmp_path):
     with contextlib.redirect_stdout(buf):
         rc = main(["serve-bench", "--layers", "2", "--requests", "5", "--rate", "20", "--input", "uniform:20:40",
                    "--output", "4", "--kv-blocks", "32", "--prefix-cache", "--shared-prefix", "32",
-                   "--hardware", "cpu-template", "--records", str(out), "--format", "json"])
+                   "--hardware", "cpu-template", "--records", str(out), "--format", "json", "--no-drift-probe"])
     assert rc == 0
     r = json.loads(buf.getvalue())
     assert set(r) >= {"measured", "simulated", "error_pct"}
@@ -210,6 +211,24 @@ def test_serve_bench_command_short_run(tmp_path):
     with contextlib.redirect_stdout(buf):
         assert main(["serve-bench", "--replay", str(out), "--hardware", "cpu-template", "--format", "json"]) == 0
     assert json.loads(buf.getvalue())["measured"] == r["measured"]
+    # the reference steps timed around the run, 1.5x calibrate's: simulated 1.5x slower, the calibrated kept
+    import yaml
+
+    from perfmodel.specs import load_hardware
+
+    hw_file = tmp_path / "drifted.yaml"
+    d = yaml.safe_load(Path(load_hardware("cpu-template").path).read_text())
+    d["provenance"] = {"ragged_splits_ms": {"torch": {"1": 100.0, "4": 120.0}}}
+    hw_file.write_text(yaml.safe_dump(d))
+    rec = json.loads(out.read_text())
+    rec["drift_probe_s"] = [{"1": 0.15, "4": 0.18}, {"1": 0.15, "4": 0.18}]
+    out.write_text(json.dumps(rec))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["serve-bench", "--replay", str(out), "--hardware", str(hw_file), "--format", "json"]) == 0
+    r2 = json.loads(buf.getvalue())
+    assert r2["speed_factor"] == pytest.approx(1.5)
+    assert r2["simulated"]["tpot_s"]["p50"] > 1.2 * r2["simulated_calibrated"]["tpot_s"]["p50"]
 
 
 def _smol_dep(hw_name="cpu-template"):
@@ -284,6 +303,19 @@ def test_ragged_sequence_cost_replaces_attention_dispatch_per_sequence_and_layer
     # graph modes launch one kernel over all sequences: the eager per-sequence term does not apply
     assert ragged_step_seconds(m, with_us(10.0), seqs, p, exec_mode="graph") == pytest.approx(
         ragged_step_seconds(m, with_us(0.0), seqs, p, exec_mode="graph"))
+
+
+def test_slowed_hardware_scales_every_step_time():
+    from perfmodel.costmodel.ragged import ragged_step_seconds
+
+    dep = _smol_dep()
+    m, hw, p = dep.model, dep.hardware, dep.precision
+    seqs = [(1, 300)] * 5 + [(64, 0)]
+    for mode in ("eager", "graph"):
+        assert ragged_step_seconds(m, hw.slowed(1.7), seqs, p, exec_mode=mode) == pytest.approx(
+            1.7 * ragged_step_seconds(m, hw, seqs, p, exec_mode=mode), rel=1e-9)
+    with pytest.raises(Exception, match="speed factor"):
+        hw.slowed(0.0)
 
 
 def test_ragged_sequence_fit_recovers_a_known_cost():

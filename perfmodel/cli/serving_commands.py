@@ -81,6 +81,9 @@ def serve_bench(
     replay: Path = typer.Option(None, help="simulate against the records of an earlier run instead of serving"),
     fit_steps: str = typer.Option(None, help="records of other runs (comma-separated JSON paths): fit the matmul "
                                              "terms of the hardware to their steps (perfmodel.serving.fit) first"),
+    drift_probe: bool = typer.Option(True, "--drift-probe/--no-drift-probe",
+                                     help="time calibrate's reference steps before and after the run and simulate "
+                                          "at the machine's speed now (a shared VM drifts)"),
     format: str = typer.Option("table", "--format", help="table | json | csv"),
 ) -> None:
     """Serve Poisson (or trace) requests with the reference engine in real time, then simulate the same
@@ -127,7 +130,7 @@ def serve_bench(
         reqs = trace_requests(trace) if trace else poisson_requests(
             rate, requests, LengthDist.parse("--input", input), LengthDist.parse("--output", output), seed)
         reqs = reqs.with_shared_prefix(shared_prefix) if shared_prefix else reqs.with_shared_prefix(0)
-        rec = _serve(model, layers, backend, flash, threads, reqs, cfg, seed)
+        rec = _serve(model, layers, backend, flash, threads, reqs, cfg, seed, drift_probe)
         dtype = "fp32"
         rec["config"] = dataclasses.asdict(cfg)
         rec["workload"] = {"model": model, "layers": layers, "backend": backend, "dtype": dtype, "flash": flash,
@@ -143,6 +146,10 @@ def serve_bench(
     engine_hw = dataclasses.replace(hw.for_engine(backend), host_overhead_us=measured["host_overhead_per_step_s"] * 1e6)
     dep = Deployment(spec, engine_hw, precision=Precision(dtype, dtype, dtype), flash=flash and backend == "torch",
                      exec_mode="eager")
+    # the machine's speed now against calibrate's: the reference steps timed around this run
+    from perfmodel.validation.ragged_calibration import speed_factor
+
+    factor = speed_factor(engine_hw, backend, rec.get("drift_probe_s") or [])
     fit = None
     if fit_steps is not None:
         from perfmodel.serving.fit import fit_terms, step_errors
@@ -152,13 +159,20 @@ def serve_bench(
         fit["this_run_before"] = step_errors(dep, rec["steps"])
         dep = dataclasses.replace(dep, hardware=fitted)
         fit["this_run_after"] = step_errors(dep, rec["steps"])
-    simulated = simulate(dep, reqs, SchedulerConfig(cfg.max_batch, cfg.block_tokens, cfg.chunked_prefill,
-                                                    cfg.kv_blocks, cfg.prefix_cache), ttft, tpot)
+    sched_cfg = SchedulerConfig(cfg.max_batch, cfg.block_tokens, cfg.chunked_prefill, cfg.kv_blocks, cfg.prefix_cache)
+    calibrated = None
+    if factor is not None and fit is None:
+        calibrated = simulate(dep, reqs, sched_cfg, ttft, tpot)
+        dep = dataclasses.replace(dep, hardware=dep.hardware.slowed(factor))
+    simulated = simulate(dep, reqs, sched_cfg, ttft, tpot)
     err = compare(measured, simulated)
     sat = _saturation(dep, reqs, cfg)
     if sat is not None and rec["workload"].get("rate"):
         sat["utilisation_at_rate"] = rec["workload"]["rate"] / sat["rate_rps"]
     result = {"measured": measured, "simulated": simulated, "error_pct": err, "hardware": hw.name, "fit": fit,
+              "speed_factor": factor if fit is None else None,
+              "simulated_calibrated": calibrated,
+              "error_pct_calibrated": compare(measured, calibrated) if calibrated is not None else None,
               "saturation": sat,
               "host_overhead_us": measured["host_overhead_per_step_s"] * 1e6,
               "workload": {"requests": len(reqs), "rate": rec["workload"].get("rate"),
@@ -180,6 +194,11 @@ def serve_bench(
         console().print(f"predicted saturation {sat['rate_rps']:.3f} requests/s (closed form, bound: {sat['bound']})"
                         + (f"; utilisation ρ = {sat['utilisation_at_rate']:.2f} at the offered rate"
                            if "utilisation_at_rate" in sat else ""))
+    if calibrated is not None:
+        console().print(f"machine {factor:.3f}x slower than at calibration (reference steps timed before and after "
+                        f"the run); simulated at that speed. At the calibrated speed: " + ", ".join(
+                            f"{k} {v:+.1f} %" for k, v in result["error_pct_calibrated"].items()
+                            if k in ("ttft_p50", "tpot_p50", "throughput")))
     if fit is not None:
         console().print(f"fitted on {fit['steps']} steps of {fit['records']}: " + ", ".join(
             f"{k} ×{v:.3g}" for k, v in fit["terms"].items()) + f"; this run's step error (median) "
@@ -219,7 +238,7 @@ def _engine_spec(model: str, layers: int | None):
     return spec.replace(num_layers=layers) if layers else spec
 
 
-def _serve(model, layers, backend, flash, threads, reqs, cfg, seed) -> dict:
+def _serve(model, layers, backend, flash, threads, reqs, cfg, seed, drift_probe: bool = False) -> dict:
     import numpy as np
 
     from perfmodel.engine.backend import make_backend
@@ -240,4 +259,13 @@ def _serve(model, layers, backend, flash, threads, reqs, cfg, seed) -> dict:
         corpus = rng.integers(0, spec.vocab_size, 50_000)
         prompts = make_prompts(corpus, reqs, seed)
     engine = Transformer(spec, weights, be, flash=flash and backend == "torch")
-    return serve(engine, reqs, prompts, cfg)
+    if not drift_probe:
+        return serve(engine, reqs, prompts, cfg)
+    from perfmodel.validation.ragged_calibration import measure_splits, reference_engine
+
+    ref = reference_engine(backend)
+    before = measure_splits(ref, repeats=5)
+    rec = serve(engine, reqs, prompts, cfg)
+    after = measure_splits(ref, repeats=5)
+    rec["drift_probe_s"] = [{str(k): v for k, v in p.items()} for p in (before, after)]
+    return rec

@@ -119,6 +119,27 @@ class HardwareSpec:
                                    vector_tflops=float(prof.get("vector_tflops", self.vector_tflops)),
                                    efficiency=dataclasses.replace(self.efficiency, **given))
 
+    def slowed(self, factor: float) -> "HardwareSpec":
+        """The same machine running every operator `factor` times slower (roofs divided, per-call and host
+        costs multiplied): a machine whose speed has drifted since it was calibrated, as a shared VM's does.
+        The serving host time per step (host_overhead_us) is measured with the run and stays as it is."""
+        if not factor > 0:
+            raise PerfmodelError(f"speed factor: must be > 0, got {factor}")
+        e = self.efficiency
+        us = lambda v: None if v is None else v * factor  # noqa: E731
+        eff = dataclasses.replace(
+            e, op_overhead_us=e.op_overhead_us * factor, step_overhead_us=e.step_overhead_us * factor,
+            layer_overhead_us=e.layer_overhead_us * factor, ragged_sequence_us=us(e.ragged_sequence_us),
+            kind_overhead_us={k: v * factor for k, v in e.kind_overhead_us.items()},
+            op_overhead_map_us={k: v * factor for k, v in e.op_overhead_map_us.items()})
+        return dataclasses.replace(
+            self, peak_tflops={k: v / factor for k, v in self.peak_tflops.items()},
+            vector_tflops=self.vector_tflops / factor, memory_bandwidth_gbps=self.memory_bandwidth_gbps / factor,
+            memory_levels=tuple(dataclasses.replace(lv, bandwidth_gbps=lv.bandwidth_gbps / factor)
+                                for lv in self.memory_levels),
+            launch_overhead_us=self.launch_overhead_us * factor, kernel_min_us=self.kernel_min_us * factor,
+            graph_launch_us=us(self.graph_launch_us), efficiency=eff, engines={})
+
     def peak_flops(self, dtype: str) -> float:
         try:
             return self.peak_tflops[dtype] * 1e12

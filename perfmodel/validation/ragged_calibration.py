@@ -95,3 +95,26 @@ def ragged_sequence_cost(backend: str, d: dict, loaded: dict, progress=None) -> 
     hw = hardware_from_dict(d, "calibration").for_engine(backend)
     us = fit_sequence_cost(engine.spec, hw, measured, Precision("fp32", "fp32", "fp32"), flash)
     return {"ragged_sequence_us": round(us, 2), "splits_ms": {str(k): round(v * 1e3, 2) for k, v in measured.items()}}
+
+
+def reference_engine(backend: str):
+    """The calibration model's eager engine (random weights, fp32): the fixed reference whose ragged splits
+    calibrate measured, to re-measure later (speed_factor)."""
+    from perfmodel.engine.backend import make_backend
+    from perfmodel.engine.loading import load_engine_model
+    from perfmodel.engine.transformer import Transformer
+    from perfmodel.validation.calibrate import CALIBRATION_MODEL
+
+    spec, weights, _ = load_engine_model(CALIBRATION_MODEL, None)
+    return Transformer(spec, weights, make_backend(backend), flash=backend == "torch")
+
+
+def speed_factor(hw, backend: str, probes: list[dict]) -> float | None:
+    """How many times slower the machine runs now than when it was calibrated: the median ratio of the
+    reference splits re-measured now (probes: {split: seconds}, before and after a run) to calibrate's own.
+    None where the hardware file holds no reference splits (written before they were measured)."""
+    ref = (hw.provenance.get("ragged_splits_ms") or {}).get(backend)
+    if not ref or not probes:
+        return None
+    ratios = [p[k] * 1e3 / float(ref[str(k)]) for p in probes for k in p if str(k) in ref]
+    return float(np.median(ratios)) if ratios else None
