@@ -39,7 +39,8 @@ def run(name: str, args: list[str]) -> dict:
     print(f"{name}: {m['throughput_requests_per_s']:.3f} req/s measured, {s['throughput_requests_per_s']:.3f} "
           f"simulated; TTFT p50 {m['ttft_s']['p50']:.3f}/{s['ttft_s']['p50']:.3f} s ({e['ttft_p50']:+.1f} %), "
           f"TPOT p50 {m['tpot_s']['p50'] * 1e3:.1f}/{s['tpot_s']['p50'] * 1e3:.1f} ms ({e['tpot_p50']:+.1f} %), "
-          f"throughput {e['throughput']:+.1f} %, host {r['host_overhead_us']:.0f} µs/step")
+          f"throughput {e['throughput']:+.1f} %, host {r['host_overhead_us']:.0f} µs/step"
+          + (f", speed probe ×{r['speed_factor']:.3f}" if r.get("speed_factor") else ""))
     return r
 
 
@@ -109,9 +110,20 @@ def table() -> None:
         results[n] = (r, rf)
         rate = r["workload"]["rate"]
         st = stalls(n, sat)
-        for label, x in (("calibrated", r), ("+ fitted matmul terms", rf)):
+        variants = [("+ fitted matmul terms", rf)]
+        if r.get("simulated_calibrated"):  # the run's drift probe: calibrated speed, then the speed measured now
+            variants = [("calibrated speed", {**r, "simulated": r["simulated_calibrated"],
+                                              "error_pct": r["error_pct_calibrated"]}),
+                        (f"speed probe ×{r['speed_factor']:.3f}", r)] + variants
+        else:
+            variants = [("calibrated", r)] + variants
+        for label, x in variants:
             print(f"| {n} | {rate:.3g} | {st} | {label} | " + " | ".join(cell(x, k) for k in KEYS) + " |")
     m, s = sat["measured"]["throughput_requests_per_s"], sat["simulated"]["throughput_requests_per_s"]
+    if sat.get("simulated_calibrated"):
+        c = sat["simulated_calibrated"]["throughput_requests_per_s"]
+        print(f"\nsaturation at the calibrated speed: simulated {c:.3f} req/s ({100 * (c / m - 1):+.1f} %); "
+              f"with the speed probe (×{sat['speed_factor']:.3f}), below")
     print(f"\nsaturation (all 40 requests queued at once): measured {m:.3f} req/s, simulated {s:.3f} "
           f"({100 * (s / m - 1):+.1f} %)" + (f"; closed form {sat['saturation']['rate_rps']:.3f} req/s "
                                              f"({100 * (sat['saturation']['rate_rps'] / m - 1):+.1f} %)"
