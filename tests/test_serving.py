@@ -199,7 +199,7 @@ def test_serve_bench_command_short_run(tmp_path):
     with contextlib.redirect_stdout(buf):
         rc = main(["serve-bench", "--layers", "2", "--requests", "5", "--rate", "20", "--input", "uniform:20:40",
                    "--output", "4", "--kv-blocks", "32", "--prefix-cache", "--shared-prefix", "32",
-                   "--hardware", "cpu-template", "--records", str(out), "--format", "json", "--no-drift-probe"])
+                   "--hardware", "cpu-template", "--records", str(out), "--format", "json", "--no-speed-reference"])
     assert rc == 0
     r = json.loads(buf.getvalue())
     assert set(r) >= {"measured", "simulated", "error_pct"}
@@ -211,17 +211,17 @@ def test_serve_bench_command_short_run(tmp_path):
     with contextlib.redirect_stdout(buf):
         assert main(["serve-bench", "--replay", str(out), "--hardware", "cpu-template", "--format", "json"]) == 0
     assert json.loads(buf.getvalue())["measured"] == r["measured"]
-    # the reference steps timed around the run, 1.5x calibrate's: simulated 1.5x slower, the calibrated kept
+    # the reference step timed around the run, 1.5x calibrate's: simulated 1.5x slower, the calibrated kept
     import yaml
 
     from perfmodel.specs import load_hardware
 
     hw_file = tmp_path / "drifted.yaml"
     d = yaml.safe_load(Path(load_hardware("cpu-template").path).read_text())
-    d["provenance"] = {"ragged_splits_ms": {"torch": {"1": 100.0, "4": 120.0}}}
+    d["provenance"] = {"reference_step_ms": {"torch": 100.0}}
     hw_file.write_text(yaml.safe_dump(d))
     rec = json.loads(out.read_text())
-    rec["drift_probe_s"] = [{"1": 0.15, "4": 0.18}, {"1": 0.15, "4": 0.18}]
+    rec["reference_step_s"] = [0.14, 0.16]
     out.write_text(json.dumps(rec))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -81,8 +81,8 @@ def serve_bench(
     replay: Path = typer.Option(None, help="simulate against the records of an earlier run instead of serving"),
     fit_steps: str = typer.Option(None, help="records of other runs (comma-separated JSON paths): fit the matmul "
                                              "terms of the hardware to their steps (perfmodel.serving.fit) first"),
-    drift_probe: bool = typer.Option(True, "--drift-probe/--no-drift-probe",
-                                     help="time calibrate's reference steps before and after the run and simulate "
+    speed_reference: bool = typer.Option(True, "--speed-reference/--no-speed-reference",
+                                     help="time calibrate's reference step before and after the run and simulate "
                                           "at the machine's speed now (a shared VM drifts)"),
     format: str = typer.Option("table", "--format", help="table | json | csv"),
 ) -> None:
@@ -130,7 +130,7 @@ def serve_bench(
         reqs = trace_requests(trace) if trace else poisson_requests(
             rate, requests, LengthDist.parse("--input", input), LengthDist.parse("--output", output), seed)
         reqs = reqs.with_shared_prefix(shared_prefix) if shared_prefix else reqs.with_shared_prefix(0)
-        rec = _serve(model, layers, backend, flash, threads, reqs, cfg, seed, drift_probe)
+        rec = _serve(model, layers, backend, flash, threads, reqs, cfg, seed, speed_reference)
         dtype = "fp32"
         rec["config"] = dataclasses.asdict(cfg)
         rec["workload"] = {"model": model, "layers": layers, "backend": backend, "dtype": dtype, "flash": flash,
@@ -147,9 +147,9 @@ def serve_bench(
     dep = Deployment(spec, engine_hw, precision=Precision(dtype, dtype, dtype), flash=flash and backend == "torch",
                      exec_mode="eager")
     # the machine's speed now against calibrate's: the reference steps timed around this run
-    from perfmodel.validation.ragged_calibration import speed_factor
+    from perfmodel.validation.reference import speed_factor
 
-    factor = speed_factor(engine_hw, backend, rec.get("drift_probe_s") or [])
+    factor = speed_factor(engine_hw, backend, rec.get("reference_step_s") or [])
     fit = None
     if fit_steps is not None:
         from perfmodel.serving.fit import fit_terms, step_errors
@@ -195,7 +195,7 @@ def serve_bench(
                         + (f"; utilisation ρ = {sat['utilisation_at_rate']:.2f} at the offered rate"
                            if "utilisation_at_rate" in sat else ""))
     if calibrated is not None:
-        console().print(f"machine {factor:.3f}x slower than at calibration (reference steps timed before and after "
+        console().print(f"machine {factor:.3f}x slower than at calibration (reference step timed before and after "
                         f"the run); simulated at that speed. At the calibrated speed: " + ", ".join(
                             f"{k} {v:+.1f} %" for k, v in result["error_pct_calibrated"].items()
                             if k in ("ttft_p50", "tpot_p50", "throughput")))
@@ -238,7 +238,7 @@ def _engine_spec(model: str, layers: int | None):
     return spec.replace(num_layers=layers) if layers else spec
 
 
-def _serve(model, layers, backend, flash, threads, reqs, cfg, seed, drift_probe: bool = False) -> dict:
+def _serve(model, layers, backend, flash, threads, reqs, cfg, seed, speed_reference: bool = False) -> dict:
     import numpy as np
 
     from perfmodel.engine.backend import make_backend
@@ -259,13 +259,12 @@ def _serve(model, layers, backend, flash, threads, reqs, cfg, seed, drift_probe:
         corpus = rng.integers(0, spec.vocab_size, 50_000)
         prompts = make_prompts(corpus, reqs, seed)
     engine = Transformer(spec, weights, be, flash=flash and backend == "torch")
-    if not drift_probe:
+    if not speed_reference:
         return serve(engine, reqs, prompts, cfg)
-    from perfmodel.validation.ragged_calibration import measure_splits, reference_engine
+    from perfmodel.validation.reference import Reference
 
-    ref = reference_engine(backend)
-    before = measure_splits(ref, repeats=5)
+    ref = Reference()
+    before = ref.seconds(backend, calls=9)
     rec = serve(engine, reqs, prompts, cfg)
-    after = measure_splits(ref, repeats=5)
-    rec["drift_probe_s"] = [{str(k): v for k, v in p.items()} for p in (before, after)]
+    rec["reference_step_s"] = [before, ref.seconds(backend, calls=9)]
     return rec

@@ -100,6 +100,9 @@ def validate(
     framework: str = typer.Option(None, "--framework", help="with --measurements in the published schema: only "
                                                            "this framework (vllm, tensorrt-llm, llama.cpp, ...)"),
     out_dir: Path = typer.Option(None, help="report folder (default: reports/validation-<machine>)"),
+    speed_reference: bool = typer.Option(True, "--speed-reference/--no-speed-reference",
+                                         help="time calibrate's reference step beside every point and rescale "
+                                              "the point to the calibrated speed (a shared VM drifts)"),
     format: str = typer.Option("table", "--format", help="table | json | csv"),
 ) -> None:
     """Hold the cost model against the reference engine: exact counts (non-zero exit on any difference) and
@@ -131,7 +134,7 @@ def validate(
     if not _has_torch():
         cases = [c for c in cases if c.backend != "torch"]
     n_points = sum(len(c.points()) for c in cases)
-    runner = Runner(cases, hw)
+    runner = Runner(cases, hw, normalise=speed_reference)
     with Progress(transient=True, disable=format != "table") as prog:
         task = prog.add_task("validating", total=n_points * (1 + repeats + min(repeats, 2)))
         results = runner.measure(repeats, min(repeats, 2),
@@ -160,8 +163,11 @@ def validate(
         first = next(c for c in cases if c.compiled is None)
         plots.roofline(hw.for_engine(first.backend), op_rows, out / "roofline_measured.png",
                        f"engine operators on {hw.name}: measured vs predicted")
+    # the same points at the speed each was timed at, for comparison with the rescaled figures
+    raw_phase = error_summary([{**r, "measured_s": r["measured_raw_s"]} for r in phase_rows], "phase")
     result = {"hardware": hw.name, "grid": grid, "cases": len(cases), "points": n_points,
-              "count_mismatches": mismatches, "phase_error": by_phase, "exec_error": by_exec,
+              "count_mismatches": mismatches, "phase_error": by_phase, "phase_error_unscaled": raw_phase,
+              "speed": runner.speed, "exec_error": by_exec,
               "kind_error": by_kind, "operator_error": by_op, "overhead_terms": terms, "report": str(out)}
     if format == "json":
         emit("json", result)
@@ -178,6 +184,11 @@ def validate(
             "noise_pct": ("noise", lambda v: f"{v:.1f} %")})
         print_table(by_phase, title="time error per phase (noise: median relative spread of the repeats)",
                     columns=cols("phase"))
+        if runner.speed:
+            print_table(raw_phase, title="the same, at the speed each point was timed at (not rescaled)",
+                        columns=cols("phase"))
+            console().print("machine speed against calibration (reference step): " + ", ".join(
+                f"{b} ×{v['factor']:.3f} (spread {v['spread_pct']:.0f} %)" for b, v in runner.speed.items()))
         print_table(by_exec, title="per backend, execution mode and phase", columns=cols("exec_phase"))
         if by_kind:
             print_table(by_kind, title="operator time error per kind", columns=cols("kind"))

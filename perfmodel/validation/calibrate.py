@@ -579,6 +579,11 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                                                  "vector_tflops": base["vector_tflops"],
                                                  "efficiency": {**base["efficiency"], **terms}}
         if fit_engine:
+            from perfmodel.validation.reference import Reference
+
+            # the speed every later measurement is rescaled to (validate, serve-bench; reference.py)
+            ref = Reference()
+            d["provenance"]["reference_step_ms"] = {b: round(ref.seconds(b, calls=15) * 1e3, 3) for b in backends}
             loaded: dict = {}
             for backend in backends:
                 fitted = engine_profile(backend, d, progress=step, loaded=loaded)

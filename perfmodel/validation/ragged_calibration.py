@@ -108,13 +108,3 @@ def reference_engine(backend: str):
     spec, weights, _ = load_engine_model(CALIBRATION_MODEL, None)
     return Transformer(spec, weights, make_backend(backend), flash=backend == "torch")
 
-
-def speed_factor(hw, backend: str, probes: list[dict]) -> float | None:
-    """How many times slower the machine runs now than when it was calibrated: the median ratio of the
-    reference splits re-measured now (probes: {split: seconds}, before and after a run) to calibrate's own.
-    None where the hardware file holds no reference splits (written before they were measured)."""
-    ref = (hw.provenance.get("ragged_splits_ms") or {}).get(backend)
-    if not ref or not probes:
-        return None
-    ratios = [p[k] * 1e3 / float(ref[str(k)]) for p in probes for k in p if str(k) in ref]
-    return float(np.median(ratios)) if ratios else None
