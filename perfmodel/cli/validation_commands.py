@@ -164,7 +164,8 @@ def validate(
         plots.roofline(hw.for_engine(first.backend), op_rows, out / "roofline_measured.png",
                        f"engine operators on {hw.name}: measured vs predicted")
     # the same points at the speed each was timed at, for comparison with the rescaled figures
-    raw_phase = error_summary([{**r, "measured_s": r["measured_raw_s"]} for r in phase_rows], "phase")
+    raw_phase = error_summary([{**r, "measured_s": r["measured_raw_s"], "noise_pct": r["noise_raw_pct"]}
+                               for r in phase_rows], "phase")
     result = {"hardware": hw.name, "grid": grid, "cases": len(cases), "points": n_points,
               "count_mismatches": mismatches, "phase_error": by_phase, "phase_error_unscaled": raw_phase,
               "speed": runner.speed, "exec_error": by_exec,

@@ -226,8 +226,8 @@ class Runner:
         tr.enabled = False
         return wall, (list(tr.records) if traced else None), list(tr.experts_touched)
 
-    VISIT_S = 0.25  # seconds of timed calls per point and round, at most MAX_CALLS calls
-    MAX_CALLS = 7
+    VISIT_S = 0.4  # seconds of timed calls per point and round, at most MAX_CALLS calls
+    MAX_CALLS = 9
 
     @classmethod
     def _calls_per_visit(cls, seconds: float) -> int:
@@ -241,6 +241,7 @@ class Runner:
         points = [(c, p) for c in self.cases for p in c.points()]
         raw: dict = defaultdict(list)
         refs: dict = defaultdict(list)
+        scaled: dict = defaultdict(list)  # per visit: the median ratio of a call to its reference call
         walls: dict = defaultdict(list)
         traced_walls: dict = defaultdict(list)
         records: dict = defaultdict(list)
@@ -257,10 +258,13 @@ class Runner:
                     # a cheap point is timed several times per visit: on a shared VM one call's time spreads
                     # +-12 % within seconds (p10-p90 of a decode step), and the median of a few calls is what
                     # a repeat then contributes
-                    if self.normalise:
-                        refs[(c, p)].append(self.reference.seconds(c.backend))
-                    raw[(c, p)].append(statistics.median(self.run(c, p, traced=False)[0]
-                                                         for _ in range(calls[(c, p)])))
+                    # each call beside its own reference call: the machine's speed moves within a visit too
+                    n = calls[(c, p)]
+                    pairs = [((self.reference.seconds(c.backend, 1 if n >= 3 else 3) if self.normalise else 1.0),
+                              self.run(c, p, traced=False)[0]) for _ in range(n)]
+                    raw[(c, p)].append(statistics.median(w for _, w in pairs))
+                    refs[(c, p)].append(statistics.median(r for r, _ in pairs))
+                    scaled[(c, p)].append(statistics.median(w / r for r, w in pairs))
                 if rnd < traced_repeats and c.compiled is None:
                     w, recs, tt = self.run(c, p, traced=True)
                     traced_walls[(c, p)].append(w)
@@ -276,7 +280,7 @@ class Runner:
             if self.normalise and base is None:  # no calibrated reference: this run's own median speed
                 base = statistics.median(now)
             for k in keys:
-                walls[k] = [w * base / r for w, r in zip(raw[k], refs[k])] if self.normalise else list(raw[k])
+                walls[k] = [x * base for x in scaled[k]] if self.normalise else list(raw[k])
             if self.normalise:
                 # how many times slower than at calibration the machine ran, and how much that moved
                 self.speed[backend] = {"factor": statistics.median(now) / base, "spread_pct": spread(now) * 100}
@@ -309,7 +313,8 @@ class Runner:
             row = {"case": case.label, "model": case.model, "backend": case.backend, "dtype": case.dtype,
                    "exec": case.exec, "batch": case.batch, "phase": phase, "context": past + new, "new_tokens": new,
                    "measured_s": wall, "predicted_s": pred_total, "noise_pct": spread(walls[key]) * 100,
-                   "measured_raw_s": raw_wall, "pred_roofline_s": roof, "pred_dispatch_s": dispatch,
+                   "measured_raw_s": raw_wall, "noise_raw_pct": spread(self.raw_walls.get(key) or walls[key]) * 100,
+                   "pred_roofline_s": roof, "pred_dispatch_s": dispatch,
                    "pred_glue_s": host}
             if records.get(key):
                 runs = records[key]
