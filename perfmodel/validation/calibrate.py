@@ -219,8 +219,8 @@ CALIBRATION_MODEL = str(Path(__file__).with_name("calib-llama-640.yaml"))
 
 
 def _calibration_cases(backend: str, dtype: str = "fp32"):
-    """Full-depth cases whose weights stream from DRAM, at widths (640, 1024, 2048), batches (2, 3, 8) and
-    contexts the validation grid does not use; random weights."""
+    """Full-depth cases whose weights stream from DRAM, at widths (640, 1024, 2048), batches (2, 3, 6, 8, 12)
+    and contexts the validation grid does not use; random weights."""
     from perfmodel.validation.validate import Case
 
     flash = backend == "torch"
@@ -228,6 +228,9 @@ def _calibration_cases(backend: str, dtype: str = "fp32"):
     return [Case(c, None, backend, dtype, 1, 40, (300, 1500, 2500), flash),
             Case(c, None, backend, dtype, 3, 96, (700,), flash),
             Case(c, None, backend, dtype, 8, 0, (200,), flash),
+            # 12 decode rows: the top of the skinny group (up to 16 rows), which batches 2-8 left extrapolated
+            Case(c, None, backend, dtype, 12, 0, (400,), flash),
+            Case(c, None, backend, dtype, 6, 0, (600,), flash, exec="fused-eager"),
             Case(c, None, backend, dtype, 1, 200, (900, 3000), flash, exec="fused-eager"),
             Case("gpt2-medium", 8, backend, dtype, 2, 96, (97, 700), flash),
             Case("gpt2-medium", 8, backend, dtype, 1, 0, (161, 1000), flash),
