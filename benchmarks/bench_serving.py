@@ -111,7 +111,7 @@ def table() -> None:
         rate = r["workload"]["rate"]
         st = stalls(n, sat)
         variants = [("+ fitted matmul terms", rf)]
-        if r.get("simulated_calibrated"):  # the run's drift probe: calibrated speed, then the speed measured now
+        if r.get("simulated_calibrated"):  # the run's speed probe: calibrated speed, then the speed measured now
             variants = [("calibrated speed", {**r, "simulated": r["simulated_calibrated"],
                                               "error_pct": r["error_pct_calibrated"]}),
                         (f"speed probe ×{r['speed_factor']:.3f}", r)] + variants

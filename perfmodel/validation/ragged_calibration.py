@@ -98,8 +98,8 @@ def ragged_sequence_cost(backend: str, d: dict, loaded: dict, progress=None) -> 
 
 
 def reference_engine(backend: str):
-    """The calibration model's eager engine (random weights, fp32): the fixed reference whose ragged splits
-    calibrate measured, to re-measure later (speed_factor)."""
+    """The calibration model's eager engine (random weights, fp32): the fixed engine of the speed reference
+    (perfmodel.validation.reference)."""
     from perfmodel.engine.backend import make_backend
     from perfmodel.engine.loading import load_engine_model
     from perfmodel.engine.transformer import Transformer
@@ -107,4 +107,3 @@ def reference_engine(backend: str):
 
     spec, weights, _ = load_engine_model(CALIBRATION_MODEL, None)
     return Transformer(spec, weights, make_backend(backend), flash=backend == "torch")
-

@@ -255,10 +255,9 @@ class Runner:
         for rnd in range(max(repeats, traced_repeats)):
             for c, p in points:
                 if rnd < repeats:
-                    # a cheap point is timed several times per visit: on a shared VM one call's time spreads
-                    # +-12 % within seconds (p10-p90 of a decode step), and the median of a few calls is what
-                    # a repeat then contributes
-                    # each call beside its own reference call: the machine's speed moves within a visit too
+                    # a cheap point is timed several times per visit (one call's time spreads +-12 % within
+                    # seconds on a shared VM), each call right after its own reference call, since the
+                    # machine's speed moves within a visit too
                     n = calls[(c, p)]
                     pairs = [((self.reference.seconds(c.backend, 1 if n >= 3 else 3) if self.normalise else 1.0),
                               self.run(c, p, traced=False)[0]) for _ in range(n)]
