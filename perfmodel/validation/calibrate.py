@@ -621,7 +621,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                 d["engines"]["torch:bf16"]["efficiency"].update(fitted)
             for backend in backends:
                 # after the fits: the per-sequence cost is what their roofline leaves of a ragged step
-                ragged = ragged_sequence_cost(backend, d, loaded, progress=step)
+                ragged = ragged_sequence_cost(backend, d, progress=step)
                 d["provenance"].setdefault("ragged_splits_ms", {})[backend] = ragged["splits_ms"]
                 for key, prof in d["engines"].items():
                     if key.split(":")[0] == backend:

@@ -78,19 +78,17 @@ def fit_sequence_cost(spec, hw, measured: dict[int, float], precision, flash: bo
     return max(float(slope) / spec.num_layers * 1e6, 0.0)
 
 
-def ragged_sequence_cost(backend: str, d: dict, loaded: dict, progress=None) -> dict:
-    """{"ragged_sequence_us": µs, "splits_ms": measured split times} for one engine backend (fp32, eager)."""
+def ragged_sequence_cost(backend: str, d: dict, progress=None) -> dict:
+    """{"ragged_sequence_us": µs, "splits_ms": measured split times} for one engine backend (fp32, eager), on
+    the speed reference's engine (the calibration model)."""
     from perfmodel.costmodel.operators import Precision
     from perfmodel.specs.hardware import hardware_from_dict
-    from perfmodel.validation.calibrate import CALIBRATION_MODEL
-    from perfmodel.validation.validate import Case, Runner
+    from perfmodel.validation.reference import Reference
 
     if progress:
         progress(f"{backend} ragged serving step")
     flash = backend == "torch"
-    case = Case(CALIBRATION_MODEL, None, backend, "fp32", 1, TOKENS, (PAST,), flash)
-    runner = Runner([case], hardware_from_dict(d, "calibration"), loaded)
-    engine = runner._engine(case)
+    engine = Reference().engine(backend)
     measured = measure_splits(engine)
     hw = hardware_from_dict(d, "calibration").for_engine(backend)
     us = fit_sequence_cost(engine.spec, hw, measured, Precision("fp32", "fp32", "fp32"), flash)

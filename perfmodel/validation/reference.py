@@ -21,10 +21,13 @@ CONTEXT = 100  # the reference: one decode step of the calibration model (batch 
 
 
 class Reference:
-    """One reference engine per backend (eager, fp32, random weights), loaded on first use."""
+    """One reference engine per backend (eager, fp32, random weights), loaded on first use and shared by every
+    Reference of the process (calibrate builds several runners; each would load 450 MB of weights again)."""
 
-    def __init__(self):
-        self._engines: dict = {}
+    _engines: dict = {}
+
+    def engine(self, backend: str):
+        return self._setup(backend)[0]
 
     def _setup(self, backend: str):
         if backend not in self._engines:
