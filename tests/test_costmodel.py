@@ -166,3 +166,29 @@ def test_phase_summary_sums_ops():
     ops = phase_ops(m, 2, 16, 0, p)
     s = phase_summary(op_timings(ops, H100, p))
     assert s["flops"] == sum(o.flops * o.layers for o in ops)
+
+
+def test_skinny_row_table_scales_only_skinny_weight_streams():
+    import dataclasses
+
+    from perfmodel.costmodel.roofline import skinny_row_factor
+
+    table = {m: 1.0 for m in range(2, 17)} | {6: 1.5, 8: 1.0, 12: 1.25, 13: 1.75}
+    assert skinny_row_factor(table, [1, 6, 8, 12, 13, 17, 512]).tolist() == [1, 1.5, 1.0, 1.25, 1.75, 1, 1]
+    assert skinny_row_factor({}, [6]).tolist() == [1.0]
+    model = load_model("smollm2-135m")
+    prec = Precision("fp32", "fp32", "fp32")
+    cpu = load_hardware("epyc-9654")
+    with_table = dataclasses.replace(cpu, efficiency=dataclasses.replace(cpu.efficiency, skinny_rows=table))
+    for batch, factor in ((1, 1.0), (6, 1.5), (8, 1.0), (13, 1.75), (32, 1.0)):
+        ops = phase_ops(model, batch, 1, 100, prec, phase="decode")
+        plain = {t.op.name: t for t in op_timings(ops, cpu, prec)}
+        tabled = {t.op.name: t for t in op_timings(ops, with_table, prec)}
+        for name, t in tabled.items():
+            skinny = t.op.kind == "matmul" and 2 <= batch <= 16
+            want = factor if t.op.kind == "matmul" else 1.0
+            assert np.asarray(t.memory_s) == pytest.approx(np.asarray(plain[name].memory_s) * want, rel=1e-12)
+            # in the skinny group the table is the whole law: compute only at the bare peak, no efficiency
+            bare = np.asarray(t.op.flops) / (cpu.peak_flops("fp32"))
+            assert np.asarray(t.compute_s) == pytest.approx(bare if skinny else np.asarray(plain[name].compute_s),
+                                                            rel=1e-12)

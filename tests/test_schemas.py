@@ -53,6 +53,14 @@ def test_hardware_memory_levels_validated_and_built():
     assert (hw.kernel_min_us, hw.graph_launch_us, hw.host_overhead_us) == (2.5, 8.0, 30.0)
 
 
+def test_skinny_row_table_validated():
+    assert "efficiency.skinny_rows" in _hw_error(lambda d: d.setdefault("efficiency", {}).update(skinny_rows={0: 1.2}))
+    assert "efficiency.skinny_rows" in _hw_error(lambda d: d.setdefault("efficiency", {}).update(skinny_rows={4: -1}))
+    d = copy.deepcopy(H100)
+    d.setdefault("efficiency", {})["skinny_rows"] = {2: 1.1, 8: 1.0}
+    assert hardware_from_dict(d).efficiency.skinny_rows == {2: 1.1, 8: 1.0}
+
+
 def test_every_hardware_spec_field_is_in_the_schema():
     """A field added to HardwareSpec must be readable from YAML (or built from a nested block)."""
     from perfmodel.specs.hardware import HardwareSchema

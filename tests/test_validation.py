@@ -25,6 +25,8 @@ def test_calibrate_writes_loadable_yaml_with_provenance(calibrated):
     hw = load_hardware_file(calibrated)
     assert hw.peak_tflops["fp32"] > 0 and hw.memory_bandwidth_gbps > 0
     assert hw.efficiency.kind_overhead_us["matmul"] > 0
+    rows = d["engines"]["numpy"]["efficiency"]["skinny_rows"]
+    assert sorted(rows) == list(range(2, 17)) and min(rows.values()) == 1.0 and max(rows.values()) < 10
     numpy_view = hw.for_engine("numpy")
     assert numpy_view.peak_tflops["fp32"] == pytest.approx(d["engines"]["numpy"]["peak_tflops"]["fp32"])
     assert not list(calibrated.parent.glob(".*.tmp"))

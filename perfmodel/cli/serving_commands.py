@@ -147,9 +147,10 @@ def serve_bench(
     dep = Deployment(spec, engine_hw, precision=Precision(dtype, dtype, dtype), flash=flash and backend == "torch",
                      exec_mode="eager")
     # the machine's speed now against calibrate's: the reference steps timed around this run
-    from perfmodel.validation.reference import speed_factor
+    from perfmodel.validation.reference import compute_speed_factor, speed_factor
 
     factor = speed_factor(engine_hw, backend, rec.get("reference_step_s") or [])
+    compute_factor = compute_speed_factor(engine_hw, backend, rec.get("reference_matmul_s") or [])
     fit = None
     if fit_steps is not None:
         from perfmodel.serving.fit import fit_terms, step_errors
@@ -163,7 +164,7 @@ def serve_bench(
     calibrated = None
     if factor is not None and fit is None:
         calibrated = simulate(dep, reqs, sched_cfg, ttft, tpot)
-        dep = dataclasses.replace(dep, hardware=dep.hardware.slowed(factor))
+        dep = dataclasses.replace(dep, hardware=dep.hardware.slowed(factor, compute_factor))
     simulated = simulate(dep, reqs, sched_cfg, ttft, tpot)
     err = compare(measured, simulated)
     sat = _saturation(dep, reqs, cfg)
@@ -171,6 +172,7 @@ def serve_bench(
         sat["utilisation_at_rate"] = rec["workload"]["rate"] / sat["rate_rps"]
     result = {"measured": measured, "simulated": simulated, "error_pct": err, "hardware": hw.name, "fit": fit,
               "speed_factor": factor if fit is None else None,
+              "compute_speed_factor": compute_factor if fit is None else None,
               "simulated_calibrated": calibrated,
               "error_pct_calibrated": compare(measured, calibrated) if calibrated is not None else None,
               "saturation": sat,
@@ -264,7 +266,8 @@ def _serve(model, layers, backend, flash, threads, reqs, cfg, seed, speed_refere
     from perfmodel.validation.reference import Reference
 
     ref = Reference()
-    before = ref.seconds(backend, calls=9)
+    before, before_c = ref.seconds(backend, calls=9), ref.matmul_seconds(backend, calls=9)
     rec = serve(engine, reqs, prompts, cfg)
     rec["reference_step_s"] = [before, ref.seconds(backend, calls=9)]
+    rec["reference_matmul_s"] = [before_c, ref.matmul_seconds(backend, calls=9)]
     return rec

@@ -64,6 +64,17 @@ def efficiency_group(op: Op):
     return np.asarray(op.kind)
 
 
+def skinny_row_factor(table: dict, rows) -> np.ndarray:
+    """A skinny matmul's weight-stream slow-down at `rows` rows (Efficiency.skinny_rows; 1 outside 2..16 or
+    without a table), interpolated between the measured row counts."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if not table:
+        return np.ones(rows.shape)
+    ms = np.array(sorted(int(k) for k in table), dtype=np.float64)
+    fs = np.array([table[k] for k in sorted(table, key=int)], dtype=np.float64)
+    return np.where(_matmul_group(rows) == "skinny", np.interp(rows, ms, fs), 1.0)
+
+
 def _kind_multiplier(table: dict, op: Op):
     base = table.get(op.kind, 1.0)
     if op.kind == "matmul" and op.min_dim is not None and ("gemv" in table or "skinny" in table):
@@ -108,6 +119,14 @@ def op_timing(op: Op, hw: HardwareSpec, precision: Precision, exec_mode: str = "
         m_eff = m_eff * b / (b + eff.matmul_half_bytes)
     compute_s = np.asarray(op.flops, dtype=np.float64) / (compute_roof(hw, op.kind, precision) * c_eff)
     memory_s = memory_seconds(op, hw, m_eff, footprint)
+    if op.kind == "matmul" and eff.skinny_rows and op.min_dim is not None:
+        # the measured table is the skinny group's whole law over its rows (packing and the weight stream):
+        # its time is the stream times the table, and compute is held only to the bare peak (the half-dim
+        # penalty, fitted on square matmuls, does not describe BLAS's 2..16-row kernels)
+        skinny = _matmul_group(op.min_dim) == "skinny"
+        memory_s = memory_s * skinny_row_factor(eff.skinny_rows, op.min_dim)
+        compute_s = np.where(skinny, np.asarray(op.flops, dtype=np.float64) / compute_roof(hw, op.kind, precision),
+                             compute_s)
     if not launches_per_op(exec_mode):  # replayed from a graph: no host cost per operator, a minimum duration
         return OpTiming(op, compute_s, memory_s, 0.0, hw.kernel_min_us * 1e-6)
     per_call = eff.op_overhead_map_us.get(f"{op.name}:{op.variant}") if op.variant else None

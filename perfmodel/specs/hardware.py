@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
 from perfmodel.errors import PerfmodelError, bad_value, short
@@ -48,6 +48,11 @@ class Efficiency:
     # Per efficiency group (an operator kind, or "gemv" for one-row matmuls): a multiplier on the per-call
     # dispatch cost measured on tiny tensors, fitted on real-size operators whose data is not in cache.
     kind_overhead_scale: dict = field(default_factory=dict)
+    # Per row count m of a "skinny" matmul (2..16 rows): its time over the fastest row count's on the same
+    # weights (>= 1), measured by calibration with the weights streaming from DRAM. A CPU BLAS runs rows in
+    # register tiles, so 8 or 16 rows pack and stream the weights faster than 6, 12 or 14 do; the cost model
+    # streams a skinny matmul's weights that many times slower. Empty: no table.
+    skinny_rows: dict = field(default_factory=dict)
     # Per operator kind: multipliers on the compute and memory efficiency (fitted by calibration; 1 if absent).
     kind_compute: dict = field(default_factory=dict)
     kind_memory: dict = field(default_factory=dict)
@@ -119,12 +124,16 @@ class HardwareSpec:
                                    vector_tflops=float(prof.get("vector_tflops", self.vector_tflops)),
                                    efficiency=dataclasses.replace(self.efficiency, **given))
 
-    def slowed(self, factor: float) -> "HardwareSpec":
+    def slowed(self, factor: float, compute_factor: float | None = None) -> "HardwareSpec":
         """The same machine running every operator `factor` times slower (roofs divided, per-call and host
         costs multiplied): a machine whose speed has drifted since it was calibrated, as a shared VM's does.
-        The serving host time per step (host_overhead_us) is measured with the run and stays as it is."""
-        if not factor > 0:
-            raise PerfmodelError(f"speed factor: must be > 0, got {factor}")
+        compute_factor, where given, slows the FLOP roofs instead (a shared VM's arithmetic and streaming
+        speeds drift apart; perfmodel.validation.reference). The serving host time per step
+        (host_overhead_us) is measured with the run and stays as it is."""
+        for what, f in (("speed factor", factor), ("compute speed factor", compute_factor)):
+            if f is not None and not f > 0:
+                raise PerfmodelError(f"{what}: must be > 0, got {f}")
+        cf = factor if compute_factor is None else compute_factor
         e = self.efficiency
         us = lambda v: None if v is None else v * factor  # noqa: E731
         eff = dataclasses.replace(
@@ -133,8 +142,8 @@ class HardwareSpec:
             kind_overhead_us={k: v * factor for k, v in e.kind_overhead_us.items()},
             op_overhead_map_us={k: v * factor for k, v in e.op_overhead_map_us.items()})
         return dataclasses.replace(
-            self, peak_tflops={k: v / factor for k, v in self.peak_tflops.items()},
-            vector_tflops=self.vector_tflops / factor, memory_bandwidth_gbps=self.memory_bandwidth_gbps / factor,
+            self, peak_tflops={k: v / cf for k, v in self.peak_tflops.items()},
+            vector_tflops=self.vector_tflops / cf, memory_bandwidth_gbps=self.memory_bandwidth_gbps / factor,
             memory_levels=tuple(dataclasses.replace(lv, bandwidth_gbps=lv.bandwidth_gbps / factor)
                                 for lv in self.memory_levels),
             launch_overhead_us=self.launch_overhead_us * factor, kernel_min_us=self.kernel_min_us * factor,
@@ -187,6 +196,7 @@ EFFICIENCY_RULES = {
     "compute": Fraction, "memory": Fraction, "elementwise_memory": Fraction | None,
     "kind_compute": dict[str, Positive], "kind_memory": dict[str, Positive],
     "kind_overhead_us": dict[str, NonNegative], "op_overhead_map_us": dict[str, NonNegative],
+    "skinny_rows": dict[Annotated[int, Field(ge=1)], Positive],
 }
 # every field optional: a YAML efficiency block overrides the base it applies to (nominal, or the engine's)
 EfficiencySchema = dataclass_schema(Efficiency, EFFICIENCY_RULES, name="EfficiencySchema", all_optional=True)

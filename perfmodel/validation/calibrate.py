@@ -89,6 +89,46 @@ def fit_half_dim(points: list[dict], peak: float, bandwidth: float) -> float:
     return best_h
 
 
+# the calibration model's projections and LM head (a BLAS picks its kernel by shape too; the median over them)
+SKINNY_SHAPES = ((640, 640), (640, 1792), (1792, 640), (640, 32000))
+
+
+def skinny_row_profile(backend: str, dtype: str = "fp32", stream_bytes: float = 256e6, repeats: int = 5,
+                       shapes=SKINNY_SHAPES) -> dict[int, float]:
+    """Per row count m = 2..16 (the skinny group): the time of [m, K] x [K, N] over the fastest of those row
+    counts on the same weights (>= 1), the median over `shapes` (how much faster a one-row gemv is depends on
+    the weight's shape and layout; the pattern over m does not, so the level is left to the fitted memory
+    efficiency). The weights rotate through stream_bytes of copies (several times the last-level cache) so
+    that they stream from DRAM as in a decode step; row counts are interleaved within a repeat and each
+    keeps its best repeat."""
+    from perfmodel.engine.backend import make_backend
+
+    be = make_backend(backend, dtype)
+    rng = np.random.default_rng(0)
+    rows = range(2, 17)
+    ratios: dict[int, list] = {m: [] for m in rows}
+    for k, n in shapes:
+        copies = max(4, int(stream_bytes / (k * n * 4)))
+        ws = [be.asarray(rng.random((k, n), dtype=np.float32)) for _ in range(copies)]
+        if backend == "numpy" and k > n:  # laid out as the engine holds a tall weight (Transformer.__init__)
+            ws = [np.ascontiguousarray(w.T).T for w in ws]
+        xs = {m: be.asarray(rng.random((m, k), dtype=np.float32)) for m in rows}
+        best = {m: float("inf") for m in rows}
+        for _ in range(repeats):
+            for m in rows:
+                x = xs[m]
+                t0 = time.perf_counter()
+                for w in ws:
+                    be.matmul(x, w)
+                be.sync()
+                best[m] = min(best[m], (time.perf_counter() - t0) / copies)
+        fastest = min(best.values())
+        for m in rows:
+            ratios[m].append(best[m] / fastest)
+        del ws
+    return {m: round(float(statistics.median(r)), 3) for m, r in ratios.items()}
+
+
 def vector_tflops(backend: str) -> float:
     """FLOP rate of the engine's own masked softmax on cache-resident scores (5 FLOPs per kept score)."""
     from perfmodel.engine.backend import make_backend
@@ -289,6 +329,8 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
         nbytes = np.array([r["b1"] for r in rs])
         data[group] = (rs, meas, c1, m1, o1, nbytes)
         c = c1[None, :] / grid[:, None]  # [compute grid, rows]
+        if group == "skinny" and hw.efficiency.skinny_rows:  # a measured row table: the stream alone (roofline)
+            c = np.zeros_like(c)
         fits[group] = {}
         for half in (halves if group in MATMUL_GROUPS else [0.0]):
             m = m1[None, :] * (1 + half / nbytes[None, :]) / grid[:, None]  # [memory grid, rows]
@@ -311,12 +353,15 @@ def engine_profile(backend: str, hw_dict: dict, dtype: str = "fp32", progress=No
         half = float(shared_half) if group in MATMUL_GROUPS else 0.0
         _, bi, bj, bk = fits[group][half]
         fitted["kind_compute"][group] = round(float(grid[bi]), 4)
+        if group == "skinny" and hw.efficiency.skinny_rows:
+            fitted["kind_compute"][group] = 1.0  # not used: the row table's stream is the whole law
         fitted["kind_memory"][group] = round(float(grid[bj]), 4)
         fitted["kind_overhead_scale"][group] = round(float(scales[bk]), 3)
         # per-call cost differs between operators of one group (a norm is several numpy calls, a residual add
         # one; a fused gate_up matmul carries its activation epilogue): refine the scale per operator (and
         # variant), a weight matmul's within its row group
-        roof = np.maximum(c1 / grid[bi], m1 * (1 + half / nbytes) / grid[bj])
+        tabled = group == "skinny" and hw.efficiency.skinny_rows
+        roof = np.maximum(0.0 if tabled else c1 / grid[bi], m1 * (1 + half / nbytes) / grid[bj])
         keys = np.array([f"{r['op']}:{r['variant']}" if r.get("variant") else r["op"] for r in rs])
         if group in MATMUL_GROUPS:
             keys = np.array([f"{group}.{k}" for k in keys])
@@ -533,6 +578,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
     bw = bandwidths()
     bw["read_gbps"] = dram_gbps
     engines: dict = {}
+    skinny_bf16: dict = {}
     tracer_cost: dict = {}
     all_points = []
     for backend in backends:
@@ -548,9 +594,14 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
         step(f"{backend} vector")
         step(f"{backend} dispatch and glue")
         per_op, per_kind, host_terms = dispatch_overheads(backend)
+        step(f"{backend} skinny matmul rows 1-16")
+        skinny_rows = {dt: skinny_row_profile(backend, dt, **({"stream_bytes": 64e6, "repeats": 2} if quick else {}))
+                       for dt in dtypes}
+        skinny_bf16 = skinny_rows.get("bf16", skinny_bf16)
         engines[backend] = {"peak_tflops": {k: round(v, 5) for k, v in peaks.items()},
                             "vector_tflops": round(vec, 6),
-                            "efficiency": {"matmul_half_dim": round(half, 1), "kind_overhead_us": per_kind,
+                            "efficiency": {"matmul_half_dim": round(half, 1), "skinny_rows": skinny_rows["fp32"],
+                                           "kind_overhead_us": per_kind,
                                            "op_overhead_map_us": per_op,
                                            "step_overhead_us": host_terms["step_overhead_us"],
                                            "layer_overhead_us": host_terms["layer_overhead_us"]}}
@@ -600,6 +651,8 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
             # the speed every later measurement is rescaled to (validate, serve-bench; reference.py)
             ref = Reference()
             d["provenance"]["reference_step_ms"] = {b: round(ref.seconds(b, calls=15) * 1e3, 3) for b in backends}
+            d["provenance"]["reference_matmul_ms"] = {b: round(ref.matmul_seconds(b, calls=15) * 1e3, 4)
+                                                      for b in backends}
             loaded: dict = {}
             for backend in backends:
                 fitted = engine_profile(backend, d, progress=step, loaded=loaded)
@@ -614,7 +667,8 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                 base = d["engines"]["torch"]
                 d["engines"]["torch:bf16"] = {"peak_tflops": dict(base["peak_tflops"]),
                                               "vector_tflops": base["vector_tflops"],
-                                              "efficiency": dict(base["efficiency"])}
+                                              "efficiency": {**base["efficiency"],
+                                                             "skinny_rows": skinny_bf16}}
                 fitted = engine_profile("torch", d, dtype="bf16", progress=step, loaded=loaded,
                                         engine="torch:bf16")
                 d["provenance"]["phase_correction"]["torch:bf16"] = fitted.pop("phase_correction", None)

@@ -233,37 +233,55 @@ class Runner:
     def _calls_per_visit(cls, seconds: float) -> int:
         return int(min(cls.MAX_CALLS, max(1, cls.VISIT_S // max(seconds, 1e-6))))
 
+    def compute_share(self, case: Case, point) -> float:
+        """The share of the point's predicted time that is compute-bound (the weight of the compute
+        reference when it is rescaled; perfmodel.validation.reference.mixed_speed)."""
+        spec = self._engine(case).spec
+        phase, new, past = point
+        precision = Precision(case.dtype, case.dtype, case.dtype)
+        ops = phase_ops(spec, case.batch, new, past, precision, case.flash, include_sampling=False, phase=phase,
+                        exec_mode=case.structure)
+        timings = op_timings(ops, self.hw.for_engine(case.profile), precision, case.timing_mode)
+        total = sum(float(t.time_s) * t.op.layers for t in timings)
+        compute = sum(float(t.compute_s) * t.op.layers for t in timings
+                      if t.op.kind not in ("host", "comm") and float(t.compute_s) >= float(t.memory_s))
+        return compute / total if total > 0 else 0.0
+
     def measure(self, repeats: int = 3, traced_repeats: int = 2, progress=None) -> list[CaseResult]:
-        """Time every point, repeats interleaved across the points, each visit beside the reference step
-        (perfmodel.validation.reference); walls are rescaled to the reference's calibrated speed."""
-        from perfmodel.validation.reference import calibration_reference_s
+        """Time every point, repeats interleaved across the points, each call right after the two reference
+        calls (perfmodel.validation.reference: a decode step, a matmul); walls are rescaled to the machine's
+        speed at calibration, the compute-bound share of a point by the compute reference."""
+        from perfmodel.validation.reference import calibration_matmul_s, calibration_reference_s, mixed_speed
 
         points = [(c, p) for c in self.cases for p in c.points()]
         raw: dict = defaultdict(list)
-        refs: dict = defaultdict(list)
-        scaled: dict = defaultdict(list)  # per visit: the median ratio of a call to its reference call
+        visits: dict = defaultdict(list)  # per visit: [(decode reference, matmul reference, wall)] per call
         walls: dict = defaultdict(list)
         traced_walls: dict = defaultdict(list)
         records: dict = defaultdict(list)
         touched: dict = {}
-        calls = {}
+        calls, share = {}, {}
         for c, p in points:  # warm-up (and compilation) round
             self.run(c, p, traced=False)
             calls[(c, p)] = self._calls_per_visit(self.run(c, p, traced=False)[0])
+            share[(c, p)] = self.compute_share(c, p) if self.normalise else 0.0
             if progress:
                 progress(f"warm-up {c.label}")
+        ref = self.reference
         for rnd in range(max(repeats, traced_repeats)):
             for c, p in points:
                 if rnd < repeats:
                     # a cheap point is timed several times per visit (one call's time spreads +-12 % within
-                    # seconds on a shared VM), each call right after its own reference call, since the
+                    # seconds on a shared VM), each call right after its own reference calls, since the
                     # machine's speed moves within a visit too
                     n = calls[(c, p)]
-                    pairs = [((self.reference.seconds(c.backend, 1 if n >= 3 else 3) if self.normalise else 1.0),
-                              self.run(c, p, traced=False)[0]) for _ in range(n)]
-                    raw[(c, p)].append(statistics.median(w for _, w in pairs))
-                    refs[(c, p)].append(statistics.median(r for r, _ in pairs))
-                    scaled[(c, p)].append(statistics.median(w / r for r, w in pairs))
+                    visit = []
+                    for _ in range(n):
+                        rm = ref.seconds(c.backend, 1 if n >= 3 else 3) if self.normalise else 1.0
+                        rc = ref.matmul_seconds(c.backend) if self.normalise else 1.0
+                        visit.append((rm, rc, self.run(c, p, traced=False)[0]))
+                    visits[(c, p)].append(visit)
+                    raw[(c, p)].append(statistics.median(w for _, _, w in visit))
                 if rnd < traced_repeats and c.compiled is None:
                     w, recs, tt = self.run(c, p, traced=True)
                     traced_walls[(c, p)].append(w)
@@ -274,15 +292,24 @@ class Runner:
         self.speed = {}
         for backend in sorted({c.backend for c in self.cases}):
             keys = [k for k in raw if k[0].backend == backend]
-            now = [r for k in keys for r in refs[k]]
-            base = calibration_reference_s(self.hw, backend) if self.normalise else None
-            if self.normalise and base is None:  # no calibrated reference: this run's own median speed
-                base = statistics.median(now)
+            if not self.normalise:
+                for k in keys:
+                    walls[k] = list(raw[k])
+                continue
+            now_m = [statistics.median(r for r, _, _ in v) for k in keys for v in visits[k]]
+            now_c = [statistics.median(r for _, r, _ in v) for k in keys for v in visits[k]]
+            base_m = calibration_reference_s(self.hw, backend)
+            base_c = calibration_matmul_s(self.hw, backend)
+            if base_m is None:  # no calibrated reference: this run's own median speed
+                base_m, base_c = statistics.median(now_m), statistics.median(now_c)
             for k in keys:
-                walls[k] = [x * base for x in scaled[k]] if self.normalise else list(raw[k])
-            if self.normalise:
-                # how many times slower than at calibration the machine ran, and how much that moved
-                self.speed[backend] = {"factor": statistics.median(now) / base, "spread_pct": spread(now) * 100}
+                walls[k] = [statistics.median(w / mixed_speed(rm / base_m, None if base_c is None else rc / base_c,
+                                                                share[k]) for rm, rc, w in v) for v in visits[k]]
+            # how many times slower than at calibration the machine ran, and how much that moved
+            self.speed[backend] = {"factor": statistics.median(now_m) / base_m, "spread_pct": spread(now_m) * 100}
+            if base_c is not None:
+                self.speed[backend].update(compute_factor=statistics.median(now_c) / base_c,
+                                           compute_spread_pct=spread(now_c) * 100)
         self.raw_walls = raw
         return [self._compare(c, walls, traced_walls, records, touched) for c in self.cases]
 
