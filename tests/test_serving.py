@@ -316,6 +316,30 @@ def test_slowed_hardware_scales_every_step_time():
             1.7 * ragged_step_seconds(m, hw, seqs, p, exec_mode=mode), rel=1e-9)
     with pytest.raises(Exception, match="speed factor"):
         hw.slowed(0.0)
+    with pytest.raises(Exception, match="compute speed factor"):
+        hw.slowed(1.0, -1.0)
+
+
+def test_two_speeds_slow_their_own_roofs():
+    """compute_factor slows the FLOP roofs alone: a compute-bound prefill follows it, a memory-bound decode
+    step follows the streaming factor; the mixed speed of a point weighs the two in the log."""
+    import math
+
+    from perfmodel.costmodel.operators import phase_ops
+    from perfmodel.costmodel.roofline import op_timings
+    from perfmodel.validation.reference import mixed_speed
+
+    dep = _smol_dep()
+    m, hw, p = dep.model, dep.hardware, dep.precision
+    slow = hw.slowed(1.0, 2.0)
+    for t0, t1 in zip(op_timings(phase_ops(m, 1, 512, 0, p, phase="prefill"), hw, p),
+                      op_timings(phase_ops(m, 1, 512, 0, p, phase="prefill"), slow, p)):
+        assert np.asarray(t1.compute_s) == pytest.approx(2 * np.asarray(t0.compute_s), rel=1e-12)
+        assert np.asarray(t1.memory_s) == pytest.approx(np.asarray(t0.memory_s), rel=1e-12)
+    assert mixed_speed(1.3, None, 0.9) == 1.3  # a file without the compute reference: streaming alone
+    assert mixed_speed(1.0, 2.0, 1.0) == pytest.approx(2.0)
+    assert mixed_speed(1.0, 2.0, 0.5) == pytest.approx(math.sqrt(2.0))
+    assert mixed_speed(1.5, 2.0, -0.2) == pytest.approx(1.5)  # shares are clipped to [0, 1]
 
 
 def test_ragged_sequence_fit_recovers_a_known_cost():
