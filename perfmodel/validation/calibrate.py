@@ -6,6 +6,9 @@ What is measured, and how it enters the model (a few interpretable numbers, no b
 - the all-threads read bandwidth over a sweep from 256 kB to 1 GB (perfmodel.engine.membw) -> one level per
   cache (memory.levels: L2, L3 with their capacity from /sys) and main memory's bandwidth; an elementwise add's
   bandwidth -> the elementwise_memory fraction;
+- per backend and dtype, a matmul's time at 2-16 rows over the fastest row count, weights streaming from DRAM
+  -> skinny_rows (a BLAS runs rows in register tiles; the cost model streams a skinny matmul's weights that
+  many times slower);
 - the engine's own softmax on cache-resident data -> vector_tflops (elementwise FLOP rate);
 - each engine backend's operators on tiny tensors, in both operator structures -> op_overhead_map_us, the
   dispatch cost of each operator; the same forwards without the tracer -> the glue between operators
@@ -17,6 +20,8 @@ What is measured, and how it enters the model (a few interpretable numbers, no b
   contexts the validation grid does not use;
 - ragged serving steps of the calibration model, one step's 32 tokens split over 1-32 sequences -> the
   per-sequence, per-layer host cost of the ragged attention loop (ragged_sequence_us; ragged_calibration.py);
+- the two speed references validate and serve-bench rescale to: a decode step of the calibration model and a
+  512^3 matmul (provenance.reference_step_ms, reference_matmul_ms; reference.py);
 - cache sizes from /sys, memory capacity from /proc/meminfo.
 On an NVIDIA GPU, pynvml names the device, the matching datasheet YAML is the roof, and the matmul and
 bandwidth measurements run on the GPU through PyTorch.
@@ -594,7 +599,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
         step(f"{backend} vector")
         step(f"{backend} dispatch and glue")
         per_op, per_kind, host_terms = dispatch_overheads(backend)
-        step(f"{backend} skinny matmul rows 1-16")
+        step(f"{backend} skinny matmul rows 2-16")
         skinny_rows = {dt: skinny_row_profile(backend, dt, **({"stream_bytes": 64e6, "repeats": 2} if quick else {}))
                        for dt in dtypes}
         skinny_bf16 = skinny_rows.get("bf16", skinny_bf16)
