@@ -583,7 +583,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
     bw = bandwidths()
     bw["read_gbps"] = dram_gbps
     engines: dict = {}
-    skinny_bf16: dict = {}
+    skinny_tables: dict = {}  # (backend, dtype) -> the measured skinny-row table
     tracer_cost: dict = {}
     all_points = []
     for backend in backends:
@@ -600,12 +600,13 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
         step(f"{backend} dispatch and glue")
         per_op, per_kind, host_terms = dispatch_overheads(backend)
         step(f"{backend} skinny matmul rows 2-16")
-        skinny_rows = {dt: skinny_row_profile(backend, dt, **({"stream_bytes": 64e6, "repeats": 2} if quick else {}))
-                       for dt in dtypes}
-        skinny_bf16 = skinny_rows.get("bf16", skinny_bf16)
+        for dt in dtypes:
+            skinny_tables[(backend, dt)] = skinny_row_profile(
+                backend, dt, **({"stream_bytes": 64e6, "repeats": 2} if quick else {}))
         engines[backend] = {"peak_tflops": {k: round(v, 5) for k, v in peaks.items()},
                             "vector_tflops": round(vec, 6),
-                            "efficiency": {"matmul_half_dim": round(half, 1), "skinny_rows": skinny_rows["fp32"],
+                            "efficiency": {"matmul_half_dim": round(half, 1),
+                                           "skinny_rows": skinny_tables[(backend, "fp32")],
                                            "kind_overhead_us": per_kind,
                                            "op_overhead_map_us": per_op,
                                            "step_overhead_us": host_terms["step_overhead_us"],
@@ -673,7 +674,7 @@ def calibrate(out_dir: Path, name: str | None = None, backends=("numpy", "torch"
                 d["engines"]["torch:bf16"] = {"peak_tflops": dict(base["peak_tflops"]),
                                               "vector_tflops": base["vector_tflops"],
                                               "efficiency": {**base["efficiency"],
-                                                             "skinny_rows": skinny_bf16}}
+                                                             "skinny_rows": skinny_tables[("torch", "bf16")]}}
                 fitted = engine_profile("torch", d, dtype="bf16", progress=step, loaded=loaded,
                                         engine="torch:bf16")
                 d["provenance"]["phase_correction"]["torch:bf16"] = fitted.pop("phase_correction", None)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from perfmodel.costmodel.operators import Precision, phase_ops
-from perfmodel.costmodel.roofline import efficiency_group, op_timings
+from perfmodel.costmodel.roofline import efficiency_group, op_timings, phase_summary
 from perfmodel.specs.hardware import HardwareSpec
 from perfmodel.validation.counts import FIELDS, engine_totals, op_totals
 
@@ -241,11 +241,9 @@ class Runner:
         precision = Precision(case.dtype, case.dtype, case.dtype)
         ops = phase_ops(spec, case.batch, new, past, precision, case.flash, include_sampling=False, phase=phase,
                         exec_mode=case.structure)
-        timings = op_timings(ops, self.hw.for_engine(case.profile), precision, case.timing_mode)
-        total = sum(float(t.time_s) * t.op.layers for t in timings)
-        compute = sum(float(t.compute_s) * t.op.layers for t in timings
-                      if t.op.kind not in ("host", "comm") and float(t.compute_s) >= float(t.memory_s))
-        return compute / total if total > 0 else 0.0
+        summary = phase_summary(op_timings(ops, self.hw.for_engine(case.profile), precision, case.timing_mode))
+        total = float(summary["time_s"])
+        return float(summary["compute_bound_s"]) / total if total > 0 else 0.0
 
     def measure(self, repeats: int = 3, traced_repeats: int = 2, progress=None) -> list[CaseResult]:
         """Time every point, repeats interleaved across the points, each call right after the two reference
